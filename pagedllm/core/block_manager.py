@@ -1,0 +1,239 @@
+"""Block tables: logical blocks of each sequence -> physical blocks of the BlockPool.
+
+  logical block i of a sequence holds tokens [i * block_size, (i + 1) * block_size)
+  slot of token t = block_table[t // block_size] * block_size + t % block_size
+
+Blocks are allocated on demand as tokens are scheduled, shared by reference (prefix-cache hits,
+fork for n > 1 / beams) and copied on the first write into a shared partial block.
+"""
+
+from __future__ import annotations
+
+from pagedllm.core.block_pool import BlockHash, BlockPool, KVCacheBlock, hash_block_tokens
+from pagedllm.core.sequence import Sequence
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockManager:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        num_cpu_blocks: int = 0,
+    ) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        # The swap pool never serves prefix hits: swapped blocks belong to one sequence.
+        self.cpu_pool = BlockPool(num_cpu_blocks, enable_caching=False) if num_cpu_blocks else None
+        self.block_tables: dict[int, list[KVCacheBlock]] = {}
+        self.cpu_block_tables: dict[int, list[KVCacheBlock]] = {}
+        # How many leading blocks of each sequence are already published in the prefix cache.
+        self.num_cached_blocks: dict[int, int] = {}
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def get_block_ids(self, seq_id: int) -> list[int]:
+        return [b.block_id for b in self.block_tables.get(seq_id, ())]
+
+    def block_hashes(self, seq: Sequence) -> list[BlockHash]:
+        """Chained hashes of the sequence's full blocks, extended lazily as tokens arrive."""
+        hashes = seq.block_hashes
+        bs = self.block_size
+        while len(hashes) < seq.num_tokens // bs:
+            i = len(hashes)
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens))
+        return hashes
+
+    def get_computed_blocks(self, seq: Sequence) -> list[KVCacheBlock]:
+        """Longest run of leading full blocks found in the prefix cache.
+
+        The last token is never a hit: its logits are needed to sample, so at least one token
+        is always computed.
+        """
+        if not self.pool.enable_caching or seq.seq_id in self.block_tables:
+            return []
+        hits = []
+        max_hit_blocks = (seq.num_tokens - 1) // self.block_size
+        for block_hash in self.block_hashes(seq)[:max_hit_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def _num_needed_blocks(
+        self, seq: Sequence, num_new_tokens: int, computed: list[KVCacheBlock]
+    ) -> tuple[int, bool]:
+        table = self.block_tables.get(seq.seq_id, [])
+        num_computed = len(computed) * self.block_size if computed else seq.num_computed_tokens
+        num_new_blocks = cdiv(num_computed + num_new_tokens, self.block_size) - len(table)
+        num_new_blocks -= len(computed)
+        # Copy-on-write: the next write lands in a partial block that another sequence shares.
+        write_block = num_computed // self.block_size
+        cow = (
+            num_new_tokens > 0 and num_computed % self.block_size != 0
+            and table[write_block].ref_cnt > 1
+        )
+        return max(num_new_blocks, 0), cow
+
+    def num_blocks_to_allocate(
+        self, seq: Sequence, num_new_tokens: int, computed: list[KVCacheBlock] = ()
+    ) -> int:
+        """Free blocks that allocate_slots(seq, num_new_tokens, computed) would consume."""
+        computed = list(computed)
+        num_new_blocks, cow = self._num_needed_blocks(seq, num_new_tokens, computed)
+        # Reviving a free cached block takes it out of the free queue too.
+        num_revived = sum(1 for b in computed if b.ref_cnt == 0)
+        return num_new_blocks + int(cow) + num_revived
+
+    def can_allocate(
+        self, seq: Sequence, num_new_tokens: int, computed: list[KVCacheBlock] = ()
+    ) -> bool:
+        return self.num_blocks_to_allocate(seq, num_new_tokens, computed) <= self.num_free_blocks
+
+    # ---- mutations -----------------------------------------------------------------------
+    def allocate_slots(
+        self, seq: Sequence, num_new_tokens: int, computed: list[KVCacheBlock] = ()
+    ) -> list[tuple[int, int]] | None:
+        """Make room for num_new_tokens more tokens of seq; None (and no change) if it can't.
+
+        `computed` are prefix-cache hits for a sequence that has no blocks yet; the caller then
+        sets num_computed_tokens past them. Returns copy-on-write copies [(src, dst)] that must
+        run before this step's forward pass.
+        """
+        computed = list(computed)
+        if not self.can_allocate(seq, num_new_tokens, computed):
+            return None
+        num_new_blocks, cow = self._num_needed_blocks(seq, num_new_tokens, computed)
+        table = self.block_tables.setdefault(seq.seq_id, [])
+        self.num_cached_blocks.setdefault(seq.seq_id, 0)
+        if computed:
+            assert not table, "prefix hits only for a sequence without blocks"
+            self.pool.touch(computed)
+            table.extend(computed)
+            self.num_cached_blocks[seq.seq_id] = len(computed)
+        copies = []
+        if cow:
+            num_computed = len(computed) * self.block_size if computed else seq.num_computed_tokens
+            i = num_computed // self.block_size
+            (fresh,) = self.pool.get_new_blocks(1)
+            copies.append((table[i].block_id, fresh.block_id))
+            self.pool.free_blocks([table[i]])
+            table[i] = fresh
+        table.extend(self.pool.get_new_blocks(num_new_blocks))
+        return copies
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Publish the sequence's newly computed full blocks in the prefix cache."""
+        if not self.pool.enable_caching:
+            return
+        table = self.block_tables[seq.seq_id]
+        num_full = seq.num_computed_tokens // self.block_size
+        start = self.num_cached_blocks[seq.seq_id]
+        if num_full <= start:
+            return
+        hashes = self.block_hashes(seq)
+        for i in range(start, num_full):
+            self.pool.cache_block(table[i], hashes[i])
+        self.num_cached_blocks[seq.seq_id] = num_full
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Child shares every block of parent (ref_cnt += 1); writes will copy on demand."""
+        table = self.block_tables[parent.seq_id]
+        for block in table:
+            block.ref_cnt += 1
+        self.block_tables[child.seq_id] = list(table)
+        self.num_cached_blocks[child.seq_id] = self.num_cached_blocks[parent.seq_id]
+        child.block_hashes = list(parent.block_hashes)
+
+    def free(self, seq: Sequence) -> None:
+        table = self.block_tables.pop(seq.seq_id, None)
+        self.num_cached_blocks.pop(seq.seq_id, None)
+        if table:
+            # Tail first: the free queue then evicts a sequence's last blocks before its prefix.
+            self.pool.free_blocks(table[::-1])
+        cpu_table = self.cpu_block_tables.pop(seq.seq_id, None)
+        if cpu_table:
+            self.cpu_pool.free_blocks(cpu_table[::-1])
+
+    # ---- swapping (whole block tables between the device pool and the CPU pool) -----------
+    def can_swap_out(self, seqs: list[Sequence]) -> bool:
+        if self.cpu_pool is None:
+            return False
+        return self.num_unique_blocks(seqs, self.block_tables) <= self.cpu_pool.num_free_blocks
+
+    def can_swap_in(self, seqs: list[Sequence]) -> bool:
+        return self.num_unique_blocks(seqs, self.cpu_block_tables) <= self.pool.num_free_blocks
+
+    @staticmethod
+    def num_unique_blocks(seqs: list[Sequence], tables: dict) -> int:
+        return len({id(b) for s in seqs for b in tables.get(s.seq_id, ())})
+
+    def swap_out(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """Move the group's blocks to the CPU pool; returns (device block, cpu block) copies.
+
+        Blocks shared inside the group stay shared (one copy each); blocks also referenced
+        outside the group (prefix hits) keep their device copy for the other owners.
+        """
+        return self._move(seqs, self.block_tables, self.cpu_block_tables, self.pool,
+                          self.cpu_pool)
+
+    def swap_in(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """Bring the group's blocks back; returns (cpu block, device block) copies."""
+        moved = self._move(seqs, self.cpu_block_tables, self.block_tables, self.cpu_pool,
+                           self.pool)
+        for seq in seqs:
+            # The revived device blocks are fresh: nothing in them is published in the cache.
+            self.num_cached_blocks[seq.seq_id] = 0
+        return moved
+
+    def _move(self, seqs, src_tables, dst_tables, src_pool, dst_pool) -> list[tuple[int, int]]:
+        mapping: dict[int, KVCacheBlock] = {}  # id(src block) -> dst block
+        copies = []
+        for seq in seqs:
+            src_table = src_tables.pop(seq.seq_id)
+            dst_table = []
+            for block in src_table:
+                dst = mapping.get(id(block))
+                if dst is None:
+                    (dst,) = dst_pool.get_new_blocks(1)
+                    mapping[id(block)] = dst
+                    copies.append((block.block_id, dst.block_id))
+                else:
+                    dst.ref_cnt += 1
+                dst_table.append(dst)
+            src_pool.free_blocks(src_table[::-1])
+            dst_tables[seq.seq_id] = dst_table
+        return copies
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+
+    def check_integrity(self) -> None:
+        """free + in use == total; every ref_cnt equals the number of tables holding the block."""
+        for pool, tables in ((self.pool, self.block_tables), (self.cpu_pool, self.cpu_block_tables)):
+            if pool is None:
+                assert not tables
+                continue
+            pool.check_integrity()
+            refs: dict[int, int] = {}
+            for table in tables.values():
+                for block in table:
+                    assert pool.blocks[block.block_id] is block, "table entry from another pool"
+                    refs[block.block_id] = refs.get(block.block_id, 0) + 1
+            for block in pool.blocks:
+                assert block.ref_cnt == refs.get(block.block_id, 0), (
+                    f"block {block.block_id}: ref_cnt {block.ref_cnt} but "
+                    f"{refs.get(block.block_id, 0)} table entries"
+                )

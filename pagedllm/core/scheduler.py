@@ -1,0 +1,267 @@
+"""Continuous batching under one token budget (no prefill/decode phases).
+
+Every live sequence catches num_computed_tokens up to len(token_ids). Each step:
+  1. running groups, in priority order: a decode costs 1 token, a prefill a chunk of the budget;
+     when blocks run out, the lowest-priority running group is preempted (recompute or swap);
+  2. if nothing was preempted: swapped groups come back first, then waiting groups are admitted
+     (prefix-cache hits start them past their cached blocks).
+The plan (SchedulerOutput) goes to the model runner; the scheduler never touches tensors.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass, field
+
+from pagedllm.config import SchedulerConfig
+from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+class PreemptionMode(enum.Enum):
+    RECOMPUTE = "recompute"
+    SWAP = "swap"
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    group: SequenceGroup
+    num_new_tokens: int
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence, so its last logits are sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, cpu)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, device)
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    # Groups that cannot fit in the KV cache even alone: the engine fails them with this reason.
+    rejected: list[tuple[SequenceGroup, str]] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def has_cache_ops(self) -> bool:
+        return bool(self.blocks_to_copy or self.blocks_to_swap_in or self.blocks_to_swap_out)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: list[SequenceGroup] = []  # sorted by sort_key (arrival or priority)
+        self.running: list[SequenceGroup] = []  # sorted by sort_key: the tail is preempted first
+        self.swapped: list[SequenceGroup] = []
+        self.num_preemptions = 0
+        self.num_swapped_out_blocks = 0
+        self.num_swapped_in_blocks = 0
+        self.prefix_cache_queries = 0  # tokens looked up
+        self.prefix_cache_hits = 0  # tokens found
+
+    # ---- queue management ----------------------------------------------------------------
+    def _key(self, group: SequenceGroup) -> tuple:
+        return group.sort_key(self.config.policy)
+
+    def add(self, group: SequenceGroup) -> None:
+        bisect.insort(self.waiting, group, key=self._key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def num_live_seqs(self) -> int:
+        return sum(len(g.live_seqs()) for g in self.running)
+
+    def abort(self, request_id: str) -> SequenceGroup | None:
+        for queue in (self.waiting, self.running, self.swapped):
+            for group in queue:
+                if group.request_id == request_id:
+                    queue.remove(group)
+                    for seq in group.live_seqs():
+                        self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
+                    return group
+        return None
+
+    def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Mark a sequence finished and free its blocks at once."""
+        assert status.is_finished
+        seq.status = status
+        self.block_manager.free(seq)
+
+    def remove_finished(self) -> list[SequenceGroup]:
+        done = [g for g in self.running if g.is_finished]
+        if done:
+            self.running = [g for g in self.running if not g.is_finished]
+        return done
+
+    # ---- the step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            group = self.running[i]
+            entries = self._try_schedule(group, budget, out)
+            while entries is None:  # out of blocks: preempt from the tail until this group fits
+                victim = self.running.pop()
+                if victim is group:
+                    if i == 0:  # alone and still too big: fail it instead of looping forever
+                        self._reject(group, out)
+                    else:
+                        self._preempt(group, out)
+                    break
+                self._preempt(victim, out)
+                entries = self._try_schedule(group, budget, out)
+            if entries is None:
+                break
+            out.scheduled.extend(entries)
+            budget -= sum(e.num_new_tokens for e in entries)
+            i += 1
+
+        if not out.preempted:
+            budget = self._resume_swapped(budget, out)
+        if not out.preempted and not self.swapped:
+            self._admit_waiting(budget, out)
+        return out
+
+    def _try_schedule(
+        self, group: SequenceGroup, budget: int, out: SchedulerOutput, hits: dict | None = None
+    ) -> list[ScheduledSeq] | None:
+        """Plan this step's tokens for a group: [] if none fit the budget, None if no blocks.
+
+        Block allocation is all-or-nothing for the group: either every planned sequence gets
+        its slots, or nothing changes.
+        """
+        bm = self.block_manager
+        hits = hits or {}
+        plan = []
+        for seq in group.live_seqs():
+            num_computed = len(hits.get(seq.seq_id, ())) * bm.block_size or seq.num_computed_tokens
+            n = min(seq.num_tokens - num_computed, budget)
+            if n <= 0:
+                continue
+            if n < seq.num_tokens - num_computed and not self.config.enable_chunked_prefill:
+                continue  # a prefill that does not fit whole waits for a later step
+            plan.append((seq, n))
+            budget -= n
+        need = sum(bm.num_blocks_to_allocate(s, n, hits.get(s.seq_id, [])) for s, n in plan)
+        if need > bm.num_free_blocks:
+            return None
+        entries = []
+        for seq, n in plan:
+            seq_hits = hits.get(seq.seq_id, [])
+            copies = bm.allocate_slots(seq, n, seq_hits)
+            assert copies is not None, "checked above"
+            if seq_hits:
+                seq.num_computed_tokens = len(seq_hits) * bm.block_size
+            out.blocks_to_copy.extend(copies)
+            entries.append(ScheduledSeq(seq, group, n, bm.get_block_ids(seq.seq_id)))
+        return entries
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0:
+            group = self.waiting[0]
+            live = group.live_seqs()
+            if self.num_live_seqs() + len(live) > self.config.max_num_seqs:
+                break
+            hits = {s.seq_id: bm.get_computed_blocks(s) for s in live}
+            entries = self._try_schedule(group, budget, out, hits)
+            if entries is None:
+                if not self.running and not out.scheduled:
+                    self.waiting.pop(0)
+                    self._reject(group, out)
+                    continue
+                break
+            if not entries:
+                break  # budget too small for an unchunked prefill
+            self.waiting.pop(0)
+            for seq in live:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += len(hits[seq.seq_id]) * bm.block_size
+                seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, group, key=self._key)
+            out.scheduled.extend(entries)
+            budget -= sum(e.num_new_tokens for e in entries)
+
+    def _resume_swapped(self, budget: int, out: SchedulerOutput) -> int:
+        bm = self.block_manager
+        while self.swapped and budget > 0:
+            group = self.swapped[0]
+            live = group.live_seqs()
+            if self.num_live_seqs() + len(live) > self.config.max_num_seqs:
+                break
+            # Room for the swapped blocks plus one new block per sequence for this step's token.
+            if not bm.can_swap_in(live) or \
+                    bm.num_unique_blocks(live, bm.cpu_block_tables) + len(live) > bm.num_free_blocks:
+                break
+            self.swapped.pop(0)
+            copies = bm.swap_in(live)
+            out.blocks_to_swap_in.extend(copies)
+            self.num_swapped_in_blocks += len(copies)
+            for seq in live:
+                seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, group, key=self._key)
+            entries = self._try_schedule(group, budget, out)
+            assert entries is not None, "room was checked above"
+            out.scheduled.extend(entries)
+            budget -= sum(e.num_new_tokens for e in entries)
+        return budget
+
+    # ---- preemption ------------------------------------------------------------------------
+    def preemption_mode(self, group: SequenceGroup) -> PreemptionMode:
+        if self.config.preemption_mode is not None:
+            mode = PreemptionMode(self.config.preemption_mode)
+        else:  # the paper's rule: recomputing one sequence is cheap, a group shares blocks
+            mode = PreemptionMode.SWAP if len(group.live_seqs()) > 1 else PreemptionMode.RECOMPUTE
+        if mode is PreemptionMode.SWAP and not self.block_manager.can_swap_out(group.live_seqs()):
+            mode = PreemptionMode.RECOMPUTE  # no CPU room: recompute is always possible
+        return mode
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        live = group.live_seqs()
+        self.num_preemptions += 1
+        out.preempted.append(group)
+        if self.preemption_mode(group) is PreemptionMode.SWAP:
+            copies = self.block_manager.swap_out(live)
+            out.blocks_to_swap_out.extend(copies)
+            self.num_swapped_out_blocks += len(copies)
+            for seq in live:
+                seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(group)
+            return
+        for seq in live:
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, group, key=self._key)
+
+    def _reject(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        bm = self.block_manager
+        need = sum(-(-s.num_tokens // bm.block_size) for s in group.live_seqs())
+        for seq in group.live_seqs():
+            self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
+        out.rejected.append((group, (
+            f"request {group.request_id} needs {need} KV blocks but the cache has only "
+            f"{bm.pool.num_blocks}; raise num_gpu_blocks_override / the KV cache size or "
+            "shorten the prompt")))
+
+    # ---- after the forward pass --------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput) -> None:
+        """Advance num_computed_tokens and publish newly full blocks in the prefix cache."""
+        for entry in out.scheduled:
+            seq = entry.seq
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += entry.num_new_tokens
+            self.block_manager.cache_blocks(seq)

@@ -1,0 +1,123 @@
+"""Sequences and sequence groups: the scheduler's view of a request (no torch here)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    SWAPPED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASON.get(self)
+
+
+_FINISHED = {
+    SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED
+}
+_FINISH_REASON = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Sequence:
+    """One token stream. KV for token_ids[:num_computed_tokens] is in the cache.
+
+    A step feeds token_ids[num_computed_tokens : num_computed_tokens + n]; when that reaches the
+    end of token_ids the model's last logits yield the next token. Preemption by recompute
+    resets num_computed_tokens to 0 (prompt and outputs are re-fed as one prefill).
+    """
+
+    __slots__ = (
+        "seq_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "status",
+        "block_hashes", "cumulative_logprob", "logprobs", "stop_reason", "data",
+    )
+
+    def __init__(self, seq_id: int, prompt_token_ids: list[int]) -> None:
+        self.seq_id = seq_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.status = SequenceStatus.WAITING
+        self.block_hashes: list = []  # chained hashes of full blocks, filled by BlockManager
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[Any] = []
+        self.stop_reason: int | str | None = None
+        self.data: Any = None  # engine-side state (detokenizer, generator); opaque here
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_token(self, token_id: int, logprob: float = 0.0) -> None:
+        self.token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.name})")
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """A request: one prompt, one or more sequences (n > 1, beams) scheduled all-or-nothing."""
+
+    request_id: str
+    seqs: list[Sequence]
+    params: Any  # SamplingParams | BeamSearchParams; opaque to core/
+    arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0
+    prompt: str | None = None
+    max_tokens: int = 16  # resolved output budget (params.max_tokens or up to max_model_len)
+    data: Any = None  # engine-side state (metrics timestamps, beam bookkeeping)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.seqs[0].prompt_token_ids
+
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def sort_key(self, policy: str) -> tuple:
+        if policy == "priority":
+            return (self.priority, self.arrival_time)
+        return (self.arrival_time,)

@@ -1,0 +1,121 @@
+"""EngineArgs: the user-facing knobs (LLM(...) keyword arguments and CLI flags) -> EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from pagedllm.config import (
+    CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+)
+
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
+    dtype: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    swap_space: float = 4.0
+    cpu_kv_cache_gib: float | None = None
+    preemption_mode: str | None = None
+    scheduling_policy: str = "fcfs"
+    load_format: str = "auto"
+    device: str = "auto"
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+
+    def create_engine_config(self) -> EngineConfig:
+        from pagedllm.loader import default_model_path, load_model_config
+
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        model = self.model or default_model_path()
+        load_format = self.load_format
+        if load_format == "auto":
+            load_format = "gguf" if model.endswith(".gguf") else "safetensors"
+        hf_config = load_model_config(model, load_format)
+        device = self.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        # CPUs run fp32 (bf16 matmuls are slow there); GPUs run bf16.
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        max_model_len = self.max_model_len or limit
+        if max_model_len > limit:
+            raise ValueError(
+                f"max_model_len ({max_model_len}) is larger than the model's maximum context "
+                f"length ({limit})")
+        max_batched = self.max_num_batched_tokens or (
+            max(8192, max_model_len) if not self.enable_chunked_prefill else 8192)
+        cache_kwargs = {}
+        if self.cpu_kv_cache_gib is not None:
+            cache_kwargs["cpu_kv_cache_gib"] = self.cpu_kv_cache_gib
+        return EngineConfig(
+            model=ModelConfig(model=model, load_format=load_format, dtype=dtype,
+                              max_model_len=max_model_len, hf_config=hf_config, seed=self.seed),
+            cache=CacheConfig(
+                block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
+                num_gpu_blocks_override=self.num_gpu_blocks_override, swap_space=self.swap_space,
+                enable_prefix_caching=self.enable_prefix_caching, **cache_kwargs),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched,
+                max_model_len=max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
+                policy=self.scheduling_policy, preemption_mode=self.preemption_mode),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            device=device,
+            enforce_eager=self.enforce_eager,
+        )
+
+    # ---- CLI ---------------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        d = EngineArgs()
+        parser.add_argument("--model", default=None,
+                            help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+        parser.add_argument("--dtype", default=d.dtype, choices=_DTYPES)
+        parser.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS)
+        parser.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
+        parser.add_argument("--seed", type=int, default=d.seed)
+        parser.add_argument("--block-size", type=int, default=d.block_size)
+        parser.add_argument("--max-model-len", type=int, default=None)
+        parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+        parser.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill",
+                            action="store_false")
+        parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                            action="store_false")
+        parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        parser.add_argument("--gpu-memory-utilization", type=float,
+                            default=d.gpu_memory_utilization)
+        parser.add_argument("--swap-space", type=float, default=d.swap_space, help="GiB")
+        parser.add_argument("--cpu-kv-cache-gib", type=float, default=None)
+        parser.add_argument("--preemption-mode", default=None, choices=("recompute", "swap"))
+        parser.add_argument("--scheduling-policy", default=d.scheduling_policy,
+                            choices=("fcfs", "priority"))
+        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        parser.add_argument("--enforce-eager", action="store_true")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})

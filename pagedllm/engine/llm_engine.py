@@ -1,0 +1,306 @@
+"""LLMEngine: add_request -> step() -> RequestOutputs. One step = schedule, execute, process."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.scheduler import ScheduledSeq, Scheduler
+from pagedllm.core.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.layers.sampler import SamplingMetadata, TokenLogprobs
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("pagedllm")
+
+_LOG_INTERVAL_S = 5.0
+
+
+@dataclass(slots=True)
+class SeqState:
+    """Engine-side state of one sequence (kept in Sequence.data; core/ never looks inside)."""
+
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+
+
+@dataclass(slots=True)
+class RequestState:
+    """Engine-side state of one request (kept in SequenceGroup.data)."""
+
+    prompt_logprobs: list | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.determine_num_blocks()
+        cc = config.cache
+        num_cpu_blocks = int(cc.swap_space * 2**30) // self.runner.block_bytes()
+        self.runner.init_cache(num_blocks, num_cpu_blocks)
+        self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching,
+                                          num_cpu_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.max_model_len = config.model.max_model_len
+        self.vocab_size = config.model.hf_config.vocab_size
+        self.eos_token_ids = _eos_ids(tokenizer, config.model.hf_config)
+        self.groups: dict[str, SequenceGroup] = {}
+        self._seq_ids = itertools.count()
+        self.stats = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
+                      "num_requests_finished_total": 0, "num_requests_failed_total": 0}
+        self._last_log = (time.monotonic(), 0, 0)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s, %d CPU swap blocks",
+            num_blocks, cc.block_size, num_blocks * cc.block_size,
+            num_blocks * self.runner.block_bytes() / 2**30, config.device, num_cpu_blocks)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        from pagedllm.loader import load_tokenizer
+
+        config = args.create_engine_config()
+        tokenizer = load_tokenizer(config.model.model, config.model.load_format)
+        return cls(config, tokenizer)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request. Bad input raises ValueError and changes nothing."""
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("either prompt or prompt_token_ids is required")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = self.validate_prompt(prompt_token_ids)
+        if params.n > 1:
+            raise ValueError("n > 1 (parallel sampling) is not implemented yet")
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
+        seq = Sequence(next(self._seq_ids), prompt_token_ids)
+        seq.data = self._seq_state(seq, params)
+        group = SequenceGroup(request_id, [seq], params, priority=priority, prompt=prompt,
+                              max_tokens=max_tokens, data=RequestState())
+        if arrival_time is not None:
+            group.arrival_time = arrival_time
+        if params.prompt_logprobs is not None:
+            group.data.prompt_logprobs = [None]  # the first token has no logprob
+        self.groups[request_id] = group
+        self.scheduler.add(group)
+
+    def validate_prompt(self, prompt_token_ids) -> list[int]:
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, but this model's maximum context length is "
+                f"{self.max_model_len} tokens (prompt + at least one generated token); "
+                "shorten the prompt or raise max_model_len")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size),
+                   None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def _seq_state(self, seq: Sequence, params: SamplingParams, seed_offset: int = 0) -> SeqState:
+        gen = None
+        if params.seed is not None and not params.is_greedy:
+            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + seed_offset)
+        return SeqState(IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params), gen)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its blocks (unknown or finished ids are ignored)."""
+        group = self.scheduler.abort(request_id)
+        if group is not None:
+            self.groups.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        outputs = [self._fail(group, reason) for group, reason in out.rejected]
+        sampled = [e for e in out.scheduled if e.samples]
+        sampling = self._sampling_metadata(sampled) if sampled else None
+        want_plp = {e.seq.seq_id: e.group.params.prompt_logprobs for e in out.scheduled
+                    if e.group.data.prompt_logprobs is not None
+                    and e.seq.num_computed_tokens < e.seq.num_prompt_tokens - 1}
+        result, prompt_rows = self.runner.execute(out, sampling, want_plp)
+        self.scheduler.update_from_output(out)
+
+        touched: dict[str, SequenceGroup] = {}
+        for e in out.scheduled:
+            if e.seq.seq_id in prompt_rows:
+                self._store_prompt_logprobs(e, *prompt_rows[e.seq.seq_id])
+        now = time.monotonic()
+        for i, e in enumerate(sampled):
+            lp = result.logprobs[i] if result.logprobs else None
+            self._append_token(e.group, e.seq, result.sampled_token_ids[i], lp, now)
+            touched[e.group.request_id] = e.group
+        for group in self.scheduler.remove_finished():
+            touched[group.request_id] = group
+        for group in touched.values():
+            outputs.append(self._make_output(group))
+            if group.is_finished:
+                self.groups.pop(group.request_id, None)
+                self.stats["num_requests_finished_total"] += 1
+        self._maybe_log(now)
+        return outputs
+
+    def _sampling_metadata(self, sampled: list[ScheduledSeq]) -> SamplingMetadata:
+        params, gens, prompts, outs, banned = [], [], [], [], []
+        for e in sampled:
+            p, seq = e.group.params, e.seq
+            params.append(p)
+            gens.append(seq.data.generator)
+            prompts.append(seq.prompt_token_ids if p.repetition_penalty != 1.0 else [])
+            outs.append(seq.output_token_ids if p.has_penalties else [])
+            # EOS and stop token ids are not allowed before min_tokens.
+            if seq.num_output_tokens < p.min_tokens:
+                ids = list(p.stop_token_ids or [])
+                if not p.ignore_eos:
+                    ids += sorted(self.eos_token_ids)
+                banned.append(ids)
+            else:
+                banned.append([])
+        return SamplingMetadata.build(params, gens, prompts, outs, banned, self.runner.device)
+
+    def _append_token(self, group: SequenceGroup, seq: Sequence, token: int,
+                      lp: TokenLogprobs | None, now: float) -> None:
+        params = group.params
+        state: RequestState = group.data
+        if state.first_token_time is None:
+            state.first_token_time = now
+            self.stats["prompt_tokens_total"] += seq.num_prompt_tokens
+        state.token_times.append(now)
+        self.stats["generation_tokens_total"] += 1
+        seq.append_token(token, lp.logprob if lp is not None else 0.0)
+        if lp is not None:
+            seq.logprobs.append(self._convert_logprobs(lp))
+        stop_str = seq.data.detokenizer.append([token])
+        status = None
+        if stop_str is not None:
+            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
+        elif seq.num_output_tokens >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                status = SequenceStatus.FINISHED_STOPPED
+            elif token in (params.stop_token_ids or ()):
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        if status is None and (seq.num_output_tokens >= group.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            seq.data.detokenizer.finish()
+            self.scheduler.finish_seq(seq, status)
+
+    def _convert_logprobs(self, lp: TokenLogprobs) -> dict[int, Logprob]:
+        entry = {tid: Logprob(v, rank=r + 1) for r, (tid, v) in enumerate(lp.top_logprobs.items())}
+        entry[lp.token_id] = Logprob(lp.logprob, rank=lp.rank)
+        for tid, logprob in entry.items():
+            logprob.decoded_token = self.tokenizer.decode([tid])
+        return entry
+
+    def _store_prompt_logprobs(self, e: ScheduledSeq, start: int, rows: list) -> None:
+        target = e.group.data.prompt_logprobs
+        for j, row in enumerate(rows):
+            if start + 1 + j < len(target):
+                continue  # already stored (a prefill recomputed after preemption)
+            target.append(self._convert_logprobs(row))
+
+    def _fail(self, group: SequenceGroup, reason: str) -> RequestOutput:
+        logger.error(reason)
+        group.data.error = reason
+        self.groups.pop(group.request_id, None)
+        self.stats["num_requests_failed_total"] += 1
+        return self._make_output(group)
+
+    def _make_output(self, group: SequenceGroup) -> RequestOutput:
+        params = group.params
+        want_lp = params.logprobs is not None
+        outs = [
+            CompletionOutput(
+                index=i,
+                text=seq.data.detokenizer.output_text,
+                token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if want_lp else None,
+                logprobs=list(seq.logprobs) if want_lp else None,
+                finish_reason=seq.status.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for i, seq in enumerate(group.seqs)
+        ]
+        return RequestOutput(
+            request_id=group.request_id, prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=group.is_finished,
+            prompt_logprobs=group.data.prompt_logprobs, error=group.data.error,
+            num_cached_tokens=group.data.num_cached_tokens,
+        )
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def get_metrics(self) -> dict:
+        s = self.scheduler
+        return {
+            "num_requests_running": len(s.running),
+            "num_requests_waiting": len(s.waiting),
+            "num_requests_swapped": len(s.swapped),
+            "kv_cache_usage_perc": self.block_manager.usage(),
+            "num_preemptions_total": s.num_preemptions,
+            "num_swapped_out_blocks_total": s.num_swapped_out_blocks,
+            "num_swapped_in_blocks_total": s.num_swapped_in_blocks,
+            "prefix_cache_queries_total": s.prefix_cache_queries,
+            "prefix_cache_hits_total": s.prefix_cache_hits,
+            "num_gpu_blocks": self.block_manager.pool.num_blocks,
+            **self.stats,
+        }
+
+    def _maybe_log(self, now: float) -> None:
+        t0, p0, g0 = self._last_log
+        if now - t0 < _LOG_INTERVAL_S:
+            return
+        p, g = self.stats["prompt_tokens_total"], self.stats["generation_tokens_total"]
+        self._last_log = (now, p, g)
+        s = self.scheduler
+        logger.info(
+            "prompt throughput: %.1f tok/s, generation throughput: %.1f tok/s, running: %d, "
+            "waiting: %d, swapped: %d, KV cache usage: %.1f%%", (p - p0) / (now - t0),
+            (g - g0) / (now - t0), len(s.running), len(s.waiting), len(s.swapped),
+            100 * self.block_manager.usage())
+
+
+def _eos_ids(tokenizer, hf_config) -> set[int]:
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return ids

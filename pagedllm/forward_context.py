@@ -1,0 +1,47 @@
+"""Per-step attention metadata, scoped to one forward pass (never a free-floating global)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """The flat batch of one step (no padding between sequences).
+
+    tokens of all scheduled sequences are concatenated:
+      seq i's query tokens are query_start_loc[i] : query_start_loc[i+1]
+      and sit at the end of its context of seq_lens[i] tokens.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1: skip)
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    seq_lens: torch.Tensor  # [S] int32: context length including this step's tokens
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextmanager
+def forward_context(meta: AttentionMetadata):
+    global _current
+    prev, _current = _current, meta
+    try:
+        yield meta
+    finally:
+        _current = prev
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    assert _current is not None, "attention called outside `with forward_context(meta):`"
+    return _current

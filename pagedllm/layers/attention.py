@@ -1,0 +1,34 @@
+"""PagedAttention layer: write this step's K/V into the paged cache, then attend through the
+block tables (decode-only batches take the decode kernel, anything else the prefill kernel)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedllm.forward_context import get_attention_metadata
+from pagedllm.ops import backend
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the cache engine.
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, Hq, D]; k, v: [T, Hkv, D]
+        meta = get_attention_metadata()
+        key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+        backend.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        if meta.is_decode_only:
+            return backend.paged_decode_attention(
+                q, key_cache, value_cache, meta.block_tables, meta.seq_lens, self.scale,
+                max_seq_len=meta.max_seq_len)
+        return backend.paged_prefill_attention(
+            q, key_cache, value_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+            self.scale, max_seq_len=meta.max_seq_len)

@@ -1,0 +1,51 @@
+"""Vocabulary-parallel embedding and LM head (each rank holds a contiguous vocab slice)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.ops import cpu_gemm
+from pagedllm.distributed.parallel_state import (
+    get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce,
+)
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        tp = get_tp_size()
+        self.vocab_size = vocab_size
+        self.vocab_per_rank = -(-vocab_size // tp)
+        self.vocab_start = get_tp_rank() * self.vocab_per_rank
+        self.weight = nn.Parameter(torch.empty(self.vocab_per_rank, hidden_size),
+                                   requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        part = loaded[self.vocab_start:self.vocab_start + self.vocab_per_rank]
+        param.data.zero_()
+        param.data[: part.shape[0]].copy_(part)  # the last rank's padding rows stay zero
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if get_tp_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.vocab_per_rank)
+        out = F.embedding(local.clamp(0, self.vocab_per_rank - 1), self.weight)
+        return tp_all_reduce(out * mine.unsqueeze(-1))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """logits = h E^T over this rank's vocab slice, gathered to the full vocabulary."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        self.packed_weight = cpu_gemm.prepack(self.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = tp_all_gather(cpu_gemm.linear(hidden, self.weight, None, self.packed_weight),
+                               dim=-1)
+        return logits[..., : self.vocab_size]

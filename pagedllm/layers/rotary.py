@@ -1,0 +1,73 @@
+"""Rotary position embedding (RoPE), HF's non-interleaved "rotate half" convention.
+
+cos/sin are precomputed for every position up to max_position in fp32, exactly as HF computes
+them per call (same inv_freq formula, same fp32 product), so outputs match bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent scaling: long wavelengths are slowed by `factor`,
+    short ones kept, and the band between is interpolated smoothly."""
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_config(hf_config) -> tuple[float, dict | None]:
+    """(theta, scaling) from a HF config: transformers 5 keeps both in `rope_parameters`,
+    older versions in `rope_theta` and `rope_scaling`."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params:
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        return float(params.get("rope_theta", 10000.0)), scaling
+    return float(getattr(hf_config, "rope_theta", 10000.0)), getattr(hf_config, "rope_scaling", None)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(
+        self, head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq = _inv_freq(head_dim, base)
+        kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+        if kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
+        elif kind == "linear":
+            inv_freq = inv_freq / rope_scaling["factor"]
+        elif kind != "default":
+            raise NotImplementedError(f"rope scaling type {kind!r} is not supported")
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = t[:, None] * inv_freq[None, :]  # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.register_buffer("cos_cache", emb.cos(), persistent=False)
+        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]
+        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
+        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,110 @@
+"""The one door the model code uses for paged attention and KV-cache ops.
+
+Each op dispatches on the device of its tensors: the Triton kernels for CUDA tensors (when
+triton imports), the PyTorch twins in torch_ref otherwise. PAGEDLLM_ATTENTION_BACKEND=torch|triton
+forces one side (read once, at import; `triton` on CPU tensors needs TRITON_INTERPRET=1).
+
+Dispatch is a couple of attribute reads per call: it runs every layer of every step, and inside
+CUDA-graph capture, so it never looks at tensor contents.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pagedllm.ops import torch_ref
+
+_BACKENDS = ("torch", "triton")
+_OVERRIDE = os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "").strip().lower() or None
+if _OVERRIDE is not None and _OVERRIDE not in _BACKENDS:
+    raise ValueError(
+        f"PAGEDLLM_ATTENTION_BACKEND must be one of {_BACKENDS}, got {_OVERRIDE!r}"
+    )
+
+try:
+    from pagedllm.ops.triton import cache_ops as _triton_cache_ops
+    from pagedllm.ops.triton import paged_decode as _triton_decode
+    from pagedllm.ops.triton import paged_prefill as _triton_prefill
+
+    _TRITON_IMPORT_ERROR: ImportError | None = None
+except ImportError as e:  # no triton on this machine: the twins serve every device
+    _TRITON_IMPORT_ERROR = e
+
+if _OVERRIDE == "triton" and _TRITON_IMPORT_ERROR is not None:
+    raise ImportError(
+        "PAGEDLLM_ATTENTION_BACKEND=triton but triton does not import"
+    ) from _TRITON_IMPORT_ERROR
+
+
+def _use_triton(device: torch.device) -> bool:
+    if _OVERRIDE is not None:
+        return _OVERRIDE == "triton"
+    return device.type == "cuda" and _TRITON_IMPORT_ERROR is None
+
+
+def get_backend_name(device: torch.device | str) -> str:
+    """'triton' or 'torch': which implementation ops on `device` run."""
+    return "triton" if _use_triton(torch.device(device)) else "torch"
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [S, Hq, D]
+    key_cache: torch.Tensor,  # [N, B, Hkv, D]
+    value_cache: torch.Tensor,  # [N, B, Hkv, D]
+    block_tables: torch.Tensor,  # [S, M]
+    seq_lens: torch.Tensor,  # [S]
+    scale: float,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:  # [S, Hq, D]
+    """See torch_ref.paged_decode_attention. max_seq_len: max(seq_lens) or an upper bound, if
+    known. The Triton kernel uses it only to pick its split count and, given None, derives one
+    from the block tables' width (no host sync); the twin computes max(seq_lens)."""
+    if _use_triton(query.device):
+        impl = _triton_decode.paged_decode_attention
+    else:
+        impl = torch_ref.paged_decode_attention
+    return impl(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [T, Hq, D]
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, M]
+    query_start_loc: torch.Tensor,  # [S + 1]
+    seq_lens: torch.Tensor,  # [S]
+    scale: float,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:  # [T, Hq, D]
+    """See torch_ref.paged_prefill_attention (max_seq_len is accepted and unused)."""
+    if _use_triton(query.device):
+        impl = _triton_prefill.paged_prefill_attention
+    else:
+        impl = torch_ref.paged_prefill_attention
+    return impl(
+        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, max_seq_len
+    )
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    key_cache: torch.Tensor,  # [N, B, Hkv, D]
+    value_cache: torch.Tensor,  # [N, B, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T]
+) -> None:
+    """See torch_ref.reshape_and_cache."""
+    if _use_triton(key.device):
+        _triton_cache_ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        torch_ref.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
+    """See torch_ref.copy_blocks. kv_caches: per-layer [2, N, B, Hkv, D]."""
+    if kv_caches and _use_triton(kv_caches[0].device):
+        _triton_cache_ops.copy_blocks(kv_caches, block_mapping)
+    else:
+        torch_ref.copy_blocks(kv_caches, block_mapping)

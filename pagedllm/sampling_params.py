@@ -1,0 +1,197 @@
+"""Per-request decoding settings, with vLLM's field names and defaults.
+
+Values are checked once, here, so the sampler and the engine can trust them: every bad value
+raises ``ValueError`` naming the field and the range it must lie in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+
+# Below this temperature a request is sampled greedily (vLLM uses the same cut-off): dividing
+# logits by ~0 would overflow, and argmax is what such a temperature means anyway.
+_GREEDY_EPS = 1e-5
+
+
+class SamplingType(IntEnum):
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick tokens for one request and when to stop.
+
+    ``top_k`` 0 or -1 disables top-k (stored as 0). ``max_tokens=None`` means "up to the
+    model's context length"; the engine resolves it. ``logprobs=k`` asks for the sampled
+    token's logprob plus the ``k`` most likely tokens at each step (``0``: the sampled one only);
+    ``prompt_logprobs`` is the same for every prompt position.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
+
+    def __post_init__(self) -> None:
+        # Normalize first so validation sees one spelling of each value.
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+        if self.is_greedy:
+            # Truncation is meaningless under argmax; resetting it keeps greedy rows off the
+            # sampler's masking path.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def _validate(self) -> None:
+        _check(_is_int(self.n) and self.n >= 1, f"n must be at least 1, got {self.n}")
+        _check(
+            _is_real(self.temperature) and self.temperature >= 0.0,
+            f"temperature must be >= 0, got {self.temperature}",
+        )
+        _check(
+            _is_real(self.top_p) and 0.0 < self.top_p <= 1.0,
+            f"top_p must be in (0, 1], got {self.top_p}",
+        )
+        _check(
+            _is_int(self.top_k) and self.top_k >= 0,
+            f"top_k must be -1 (disable) or >= 0, got {self.top_k}",
+        )
+        _check(
+            _is_real(self.min_p) and 0.0 <= self.min_p <= 1.0,
+            f"min_p must be in [0, 1], got {self.min_p}",
+        )
+        _check(
+            _is_real(self.repetition_penalty) and self.repetition_penalty > 0.0,
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(
+                _is_real(value) and -2.0 <= value <= 2.0,
+                f"{name} must be in [-2, 2], got {value}",
+            )
+        _check(
+            self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed}"
+        )
+        _check(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            f"max_tokens must be at least 1, got {self.max_tokens}",
+        )
+        _check(
+            _is_int(self.min_tokens) and self.min_tokens >= 0,
+            f"min_tokens must be >= 0, got {self.min_tokens}",
+        )
+        if self.max_tokens is not None:
+            _check(
+                self.min_tokens <= self.max_tokens,
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} > "
+                f"max_tokens={self.max_tokens}",
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(
+                value is None or (_is_int(value) and value >= 0),
+                f"{name} must be None or >= 0, got {value}",
+            )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            f"stop must not contain empty strings, got {self.stop!r}",
+        )
+        _check(
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}",
+        )
+        _check(
+            self.detokenize or not self.stop,
+            "stop strings need detokenize=True (they are matched on the decoded text)",
+        )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.is_greedy:
+            return SamplingType.GREEDY
+        return SamplingType.RANDOM if self.seed is None else SamplingType.RANDOM_SEED
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass(slots=True)
+class BeamSearchParams:
+    """Settings for ``LLM.beam_search``: keep ``beam_width`` candidates by cumulative logprob,
+    rank finished ones by ``logprob_sum / len ** length_penalty``."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(
+            _is_int(self.beam_width) and self.beam_width >= 1,
+            f"beam_width must be at least 1, got {self.beam_width}",
+        )
+        _check(
+            _is_int(self.max_tokens) and self.max_tokens >= 1,
+            f"max_tokens must be at least 1, got {self.max_tokens}",
+        )
+        _check(
+            _is_real(self.temperature) and self.temperature >= 0.0,
+            f"temperature must be >= 0, got {self.temperature}",
+        )
+        _check(
+            _is_real(self.length_penalty) and math.isfinite(self.length_penalty),
+            f"length_penalty must be a finite number, got {self.length_penalty}",
+        )
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; n=True is a bug, not a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    # Reject NaN explicitly rather than rely on it failing each comparison.
+    return _is_int(value) or (isinstance(value, float) and not math.isnan(value))

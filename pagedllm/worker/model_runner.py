@@ -1,0 +1,227 @@
+"""Turns a SchedulerOutput into one flat forward pass and samples the next tokens.
+
+  flat batch (no padding between sequences), e.g. seq A prefilling 3 tokens, B and C decoding:
+    input_ids       [a5 a6 a7 | b9 | c2]          positions [5 6 7 | 9 | 2]
+    query_start_loc [0, 3, 4, 5]                  seq_lens  [8, 10, 3]
+    slot_mapping    one cache slot per token       logits_indices [2, 3, 4] (last of each)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.scheduler import SchedulerOutput
+from pagedllm.forward_context import AttentionMetadata, forward_context
+from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from pagedllm.loader import iter_weights
+from pagedllm.models.registry import get_model_class
+from pagedllm.worker.cache_engine import CacheEngine, kv_block_bytes
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class ModelInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn_meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] rows of the hidden states that are sampled
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.model.dtype]
+        self.block_size = config.cache.block_size
+        torch.manual_seed(config.model.seed)
+        self.model = self._load_model()
+        self.sampler = Sampler()
+        self.cache_engine: CacheEngine | None = None
+
+    # ---- start-up --------------------------------------------------------------------------
+    def _load_model(self) -> torch.nn.Module:
+        mc = self.config.model
+        cls = get_model_class(mc.hf_config)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(mc.hf_config)
+        finally:
+            torch.set_default_dtype(prev)
+        if mc.load_format == "dummy":
+            _init_dummy_weights(model, mc.seed)
+        else:
+            model.load_weights(iter_weights(mc.model, mc.load_format, mc.hf_config))
+        for module in model.modules():
+            if hasattr(module, "prepack"):
+                module.prepack()  # CPU-only: pre-packed GEMM weights (ops/cpu_gemm.py)
+        return model.eval()
+
+    def block_bytes(self) -> int:
+        mc = self.config.model
+        tp = self.config.parallel.tensor_parallel_size
+        return kv_block_bytes(mc.num_layers, self.block_size, max(1, mc.num_kv_heads // tp),
+                              mc.head_dim, self.dtype)
+
+    def determine_num_blocks(self) -> int:
+        """KV blocks that fit: the override, else a fixed CPU budget, else GPU memory profiling."""
+        cc = self.config.cache
+        if cc.num_gpu_blocks_override is not None:
+            return cc.num_gpu_blocks_override
+        if self.device.type != "cuda":
+            return max(1, int(cc.cpu_kv_cache_gib * 2**30) // self.block_bytes())
+        return self._profile_num_gpu_blocks()
+
+    @torch.inference_mode()
+    def _profile_num_gpu_blocks(self) -> int:
+        """Run the largest batch once with a scratch cache, see the peak, give the rest to KV."""
+        sc = self.config.scheduler
+        num_tokens = sc.max_num_batched_tokens
+        seq_len = min(sc.max_model_len, num_tokens)
+        num_seqs = -(-num_tokens // seq_len)
+        scratch_blocks = num_seqs * -(-seq_len // self.block_size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.init_cache(scratch_blocks, 0)
+        self._dummy_forward(num_seqs, seq_len)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - scratch_blocks * self.block_bytes()
+        self.cache_engine = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_allocated()
+        budget = total * self.config.cache.gpu_memory_utilization - peak - used_by_others
+        num_blocks = int(budget // self.block_bytes())
+        if num_blocks < 1:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
+                f"{total / 2**30:.1f} GiB); raise gpu_memory_utilization or lower "
+                "max_num_batched_tokens")
+        return num_blocks
+
+    def _dummy_forward(self, num_seqs: int, seq_len: int) -> None:
+        bs = self.block_size
+        blocks_per_seq = -(-seq_len // bs)
+        T = num_seqs * seq_len
+        pos = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+        seq_idx = torch.arange(num_seqs, device=self.device).repeat_interleave(seq_len)
+        slot = (seq_idx * blocks_per_seq) * bs + pos
+        tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32,
+                              device=self.device).view(num_seqs, blocks_per_seq)
+        meta = AttentionMetadata(
+            slot_mapping=slot, block_tables=tables,
+            seq_lens=torch.full((num_seqs,), seq_len, dtype=torch.int32, device=self.device),
+            query_start_loc=torch.arange(0, T + 1, seq_len, dtype=torch.int32, device=self.device),
+            max_query_len=seq_len, max_seq_len=seq_len)
+        ids = torch.zeros(T, dtype=torch.int64, device=self.device)
+        with forward_context(meta):
+            hidden = self.model(ids, pos)
+        self.model.compute_logits(hidden[-num_seqs:]).float()
+
+    def init_cache(self, num_blocks: int, num_cpu_blocks: int) -> None:
+        self.cache_engine = CacheEngine(self.model, num_blocks, num_cpu_blocks, self.block_size,
+                                        self.device, self.dtype)
+
+    # ---- one step --------------------------------------------------------------------------
+    def prepare_inputs(self, out: SchedulerOutput) -> ModelInputs:
+        bs = self.block_size
+        input_ids, positions, slots = [], [], []
+        query_start_loc, seq_lens, logits_indices = [0], [], []
+        max_blocks = max(len(e.block_ids) for e in out.scheduled)
+        block_tables = np.zeros((len(out.scheduled), max_blocks), dtype=np.int32)
+        for i, e in enumerate(out.scheduled):
+            start = e.seq.num_computed_tokens
+            end = start + e.num_new_tokens
+            pos = np.arange(start, end)
+            table = np.asarray(e.block_ids, dtype=np.int64)
+            block_tables[i, : len(table)] = table
+            input_ids.append(e.seq.token_ids[start:end])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            query_start_loc.append(query_start_loc[-1] + e.num_new_tokens)
+            seq_lens.append(end)
+            if e.samples:
+                logits_indices.append(query_start_loc[-1] - 1)
+        dev = self.device
+
+        def tensor(x, dtype):
+            return torch.from_numpy(np.asarray(x)).to(dtype).to(dev, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=tensor(np.concatenate(slots), torch.int64),
+            block_tables=tensor(block_tables, torch.int32),
+            seq_lens=tensor(np.asarray(seq_lens, dtype=np.int32), torch.int32),
+            query_start_loc=tensor(np.asarray(query_start_loc, dtype=np.int32), torch.int32),
+            max_query_len=max(e.num_new_tokens for e in out.scheduled),
+            max_seq_len=max(seq_lens),
+        )
+        ids = [t for chunk in input_ids for t in chunk]
+        return ModelInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
+            positions=tensor(np.concatenate(positions), torch.int64),
+            attn_meta=meta,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.int64).to(dev),
+        )
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        out: SchedulerOutput,
+        sampling: SamplingMetadata | None,
+        prompt_logprobs: dict[int, int] | None = None,
+    ) -> tuple[SamplerOutput | None, dict[int, list]]:
+        """Run cache plans, the forward pass and the sampler.
+
+        prompt_logprobs: seq_id -> k for sequences whose prompt logprobs are wanted; the result
+        maps seq_id -> (first position, per-position rows from compute_prompt_logprobs).
+        """
+        self.cache_engine.execute_plan(out.blocks_to_swap_out, out.blocks_to_swap_in,
+                                       out.blocks_to_copy)
+        if not out.scheduled:
+            return None, {}
+        inputs = self.prepare_inputs(out)
+        with forward_context(inputs.attn_meta):
+            hidden = self.model(inputs.input_ids, inputs.positions)  # [T, hidden]
+        result = None
+        if sampling is not None and sampling.num_rows:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
+            result = self.sampler(logits, sampling)
+        prompt_rows = self._prompt_logprobs(out, hidden, prompt_logprobs) if prompt_logprobs \
+            else {}
+        return result, prompt_rows
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, wanted: dict) -> dict:
+        from pagedllm.layers.sampler import compute_prompt_logprobs
+
+        rows = {}
+        offset = 0
+        for e in out.scheduled:
+            seq, start = e.seq, e.seq.num_computed_tokens
+            k = wanted.get(seq.seq_id)
+            # Position p's logits predict token p + 1; only prompt tokens get prompt logprobs.
+            end = min(start + e.num_new_tokens, seq.num_prompt_tokens - 1)
+            if k is not None and end > start:
+                logits = self.model.compute_logits(hidden[offset:offset + end - start]).float()
+                nxt = torch.tensor(seq.token_ids[start + 1:end + 1], device=self.device)
+                rows[seq.seq_id] = (start, compute_prompt_logprobs(logits, nxt, k))
+            offset += e.num_new_tokens
+        return rows
+
+
+def _init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Small random weights (norms stay 1) so that dummy-weight benchmarks stay finite."""
+    gens: dict[torch.device, torch.Generator] = {}
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            continue
+        gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+        p.data.uniform_(-1e-3, 1e-3, generator=gen)
