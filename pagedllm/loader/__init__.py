@@ -20,7 +20,6 @@ from glob import glob
 import torch
 
 from pagedllm.loader.dummy import initialize_dummy_weights
-from pagedllm.loader.gguf import gguf_to_config, gguf_tokenizer, iter_gguf_weights, read_gguf
 from pagedllm.loader.safetensors import iter_safetensors_weights, safetensors_files
 
 __all__ = [
@@ -63,6 +62,8 @@ def load_model_config(model: str, load_format: str = "auto"):
     """The `transformers.PretrainedConfig` of `model` (a directory or a .gguf file)."""
     path, _ = _resolve(model, load_format)
     if path.endswith(".gguf"):
+        from pagedllm.loader.gguf import gguf_to_config, read_gguf  # needs the gguf package
+
         return gguf_to_config(read_gguf(path))
     from transformers import AutoConfig
 
@@ -81,6 +82,8 @@ def iter_weights(model: str, load_format: str, config) -> Iterator[tuple[str, to
     if fmt == "dummy":
         return iter(())  # the caller initializes: see dummy.initialize_dummy_weights
     if fmt == "gguf":
+        from pagedllm.loader.gguf import iter_gguf_weights, read_gguf
+
         return iter_gguf_weights(read_gguf(path), config)
     return iter_safetensors_weights(path)
 
@@ -89,6 +92,8 @@ def load_tokenizer(model: str, load_format: str = "auto"):
     """A fast `transformers` tokenizer, with the chat template and special tokens set."""
     path, _ = _resolve(model, load_format)
     if path.endswith(".gguf"):
+        from pagedllm.loader.gguf import gguf_tokenizer, read_gguf
+
         return gguf_tokenizer(read_gguf(path))
     from transformers import AutoTokenizer
 

@@ -18,7 +18,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.forward_context import AttentionMetadata, forward_context
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
-from pagedllm.loader import iter_weights
+from pagedllm.loader import initialize_dummy_weights, iter_weights
 from pagedllm.models.registry import get_model_class
 from pagedllm.worker.cache_engine import CacheEngine, kv_block_bytes
 
@@ -58,7 +58,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(prev)
         if mc.load_format == "dummy":
-            _init_dummy_weights(model, mc.seed)
+            initialize_dummy_weights(model, seed=mc.seed)
         else:
             model.load_weights(iter_weights(mc.model, mc.load_format, mc.hf_config))
         for module in model.modules():
@@ -216,12 +216,3 @@ class ModelRunner:
             offset += e.num_new_tokens
         return rows
 
-
-def _init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
-    """Small random weights (norms stay 1) so that dummy-weight benchmarks stay finite."""
-    gens: dict[torch.device, torch.Generator] = {}
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            continue
-        gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
-        p.data.uniform_(-1e-3, 1e-3, generator=gen)
