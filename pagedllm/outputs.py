@@ -25,6 +25,9 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # Text new since this sequence's previous RequestOutput, safe to stream: a tail that could
+    # still begin a stop string is held back until it is known not to be one.
+    delta_text: str = ""
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -41,6 +44,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Set when the engine failed the request (e.g. it can never fit in the KV cache).
     error: str | None = None
+    # time.monotonic() stamps: arrival_time, first_token_time, last_token_time (None until set)
     metrics: dict = field(default_factory=dict)
 
 

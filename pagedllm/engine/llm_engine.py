@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +40,6 @@ class RequestState:
     prompt_logprobs: list | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str | None = None
 
@@ -201,7 +200,7 @@ class LLMEngine:
         if state.first_token_time is None:
             state.first_token_time = now
             self.stats["prompt_tokens_total"] += seq.num_prompt_tokens
-        state.token_times.append(now)
+        state.last_token_time = now
         self.stats["generation_tokens_total"] += 1
         seq.append_token(token, lp.logprob if lp is not None else 0.0)
         if lp is not None:
@@ -255,6 +254,7 @@ class LLMEngine:
                 logprobs=list(seq.logprobs) if want_lp else None,
                 finish_reason=seq.status.finish_reason,
                 stop_reason=seq.stop_reason,
+                delta_text=seq.data.detokenizer.get_delta(seq.is_finished),
             )
             for i, seq in enumerate(group.seqs)
         ]
@@ -263,6 +263,9 @@ class LLMEngine:
             prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=group.is_finished,
             prompt_logprobs=group.data.prompt_logprobs, error=group.data.error,
             num_cached_tokens=group.data.num_cached_tokens,
+            metrics={"arrival_time": group.arrival_time,
+                     "first_token_time": group.data.first_token_time,
+                     "last_token_time": group.data.last_token_time},
         )
 
     # ---- metrics -------------------------------------------------------------------------------

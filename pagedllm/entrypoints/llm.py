@@ -80,7 +80,12 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def encode_chat(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        tokenizer = self.get_tokenizer()
+        return self.encode_chat_with(self.get_tokenizer(), conversation, add_generation_prompt)
+
+    @staticmethod
+    def encode_chat_with(tokenizer, conversation: list[dict],
+                         add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered by the tokenizer's chat template."""
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use generate()")
         text = tokenizer.apply_chat_template(
