@@ -74,33 +74,43 @@ class BlockManager:
 
     def _num_needed_blocks(
         self, seq: Sequence, num_new_tokens: int, computed: list[KVCacheBlock]
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, KVCacheBlock | None]:
+        """(new blocks for the tokens, the shared partial block the first write must copy)."""
         table = self.block_tables.get(seq.seq_id, [])
         num_computed = len(computed) * self.block_size if computed else seq.num_computed_tokens
         num_new_blocks = cdiv(num_computed + num_new_tokens, self.block_size) - len(table)
         num_new_blocks -= len(computed)
-        # Copy-on-write: the next write lands in a partial block that another sequence shares.
-        write_block = num_computed // self.block_size
-        cow = (
-            num_new_tokens > 0 and num_computed % self.block_size != 0
-            and table[write_block].ref_cnt > 1
-        )
+        cow = None
+        if num_new_tokens > 0 and num_computed % self.block_size != 0:
+            block = table[num_computed // self.block_size]
+            if block.ref_cnt > 1:
+                cow = block
         return max(num_new_blocks, 0), cow
 
     def num_blocks_to_allocate(
-        self, seq: Sequence, num_new_tokens: int, computed: list[KVCacheBlock] = ()
+        self, plan: list[tuple[Sequence, int, list[KVCacheBlock]]]
     ) -> int:
-        """Free blocks that allocate_slots(seq, num_new_tokens, computed) would consume."""
-        computed = list(computed)
-        num_new_blocks, cow = self._num_needed_blocks(seq, num_new_tokens, computed)
-        # Reviving a free cached block takes it out of the free queue too.
-        num_revived = sum(1 for b in computed if b.ref_cnt == 0)
-        return num_new_blocks + int(cow) + num_revived
+        """Free blocks that allocate_slots would consume for every (seq, num_new_tokens,
+        prefix hits) of one step, exactly: when all k owners of a shared partial block write
+        into it, only k - 1 copy (the last one finds itself sole owner and writes in place)."""
+        total = 0
+        writers: dict[int, list] = {}  # id(shared block) -> [block, number of writers]
+        revived = set()
+        for seq, n, computed in plan:
+            num_new_blocks, cow = self._num_needed_blocks(seq, n, computed)
+            total += num_new_blocks
+            if cow is not None:
+                writers.setdefault(id(cow), [cow, 0])[1] += 1
+            # Reviving a free cached block takes it out of the free queue too.
+            revived.update(id(b) for b in computed if b.ref_cnt == 0)
+        total += sum(min(k, block.ref_cnt - 1) for block, k in writers.values())
+        return total + len(revived)
 
     def can_allocate(
         self, seq: Sequence, num_new_tokens: int, computed: list[KVCacheBlock] = ()
     ) -> bool:
-        return self.num_blocks_to_allocate(seq, num_new_tokens, computed) <= self.num_free_blocks
+        plan = [(seq, num_new_tokens, list(computed))]
+        return self.num_blocks_to_allocate(plan) <= self.num_free_blocks
 
     # ---- mutations -----------------------------------------------------------------------
     def allocate_slots(
@@ -124,9 +134,8 @@ class BlockManager:
             table.extend(computed)
             self.num_cached_blocks[seq.seq_id] = len(computed)
         copies = []
-        if cow:
-            num_computed = len(computed) * self.block_size if computed else seq.num_computed_tokens
-            i = num_computed // self.block_size
+        if cow is not None:
+            i = table.index(cow)
             (fresh,) = self.pool.get_new_blocks(1)
             copies.append((table[i].block_id, fresh.block_id))
             self.pool.free_blocks([table[i]])

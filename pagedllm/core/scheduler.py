@@ -154,7 +154,7 @@ class Scheduler:
                 continue  # a prefill that does not fit whole waits for a later step
             plan.append((seq, n))
             budget -= n
-        need = sum(bm.num_blocks_to_allocate(s, n, hits.get(s.seq_id, [])) for s, n in plan)
+        need = bm.num_blocks_to_allocate([(s, n, hits.get(s.seq_id, [])) for s, n in plan])
         if need > bm.num_free_blocks:
             return None
         entries = []
