@@ -175,7 +175,8 @@ class Scheduler:
             live = group.live_seqs()
             if self.num_live_seqs() + len(live) > self.config.max_num_seqs:
                 break
-            hits = {s.seq_id: bm.get_computed_blocks(s) for s in live}
+            hits = {s.seq_id: [] if group.skip_prefix_cache else bm.get_computed_blocks(s)
+                    for s in live}
             entries = self._try_schedule(group, budget, out, hits)
             if entries is None:
                 if not self.running and not out.scheduled:

@@ -104,6 +104,8 @@ class SequenceGroup:
     priority: int = 0
     prompt: str | None = None
     max_tokens: int = 16  # resolved output budget (params.max_tokens or up to max_model_len)
+    # Prompt logprobs need every prompt position computed, so such requests take no prefix hits.
+    skip_prefix_cache: bool = False
     data: Any = None  # engine-side state (metrics timestamps, beam bookkeeping)
 
     @property

@@ -103,7 +103,8 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), prompt_token_ids)
         seq.data = self._seq_state(seq, params)
         group = SequenceGroup(request_id, [seq], params, priority=priority, prompt=prompt,
-                              max_tokens=max_tokens, data=RequestState())
+                              max_tokens=max_tokens, data=RequestState(),
+                              skip_prefix_cache=params.prompt_logprobs is not None)
         if arrival_time is not None:
             group.arrival_time = arrival_time
         if params.prompt_logprobs is not None:

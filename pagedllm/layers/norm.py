@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.ops import fused
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 (as HF does), optionally fused with the residual add:
@@ -20,6 +22,8 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if fused.use_fused(x):  # CUDA: one kernel (ops/triton/layer_ops.py), same rounding
+            return fused.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from pagedllm.ops import fused
+
 
 def _inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
@@ -63,6 +65,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]
+        if fused.use_fused(q):  # CUDA: q and k in one kernel, bit-identical to the code below
+            return fused.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -24,12 +24,15 @@ class CacheEngine:
         self.layers = [m for m in model.modules() if isinstance(m, Attention)]
         first = self.layers[0]
         shape = (len(self.layers), 2, num_blocks, block_size, first.num_kv_heads, first.head_dim)
-        # kv[layer]: [2, num_blocks, block_size, Hkv, D]
+        # kv[layer]: [2, num_blocks, block_size, Hkv, D]. Zeroed: attention may read (and mask)
+        # never-written slots of a partial block, and 0 * garbage could be NaN.
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.cpu_kv = None
         if num_cpu_blocks:
             cpu_shape = (*shape[:2], num_cpu_blocks, *shape[3:])
-            self.cpu_kv = torch.zeros(cpu_shape, dtype=dtype, device="cpu",
+            # empty, not zeros: only blocks written by a swap-out are ever read back, and the
+            # OS commits the pages lazily, so an unused swap space costs no memory.
+            self.cpu_kv = torch.empty(cpu_shape, dtype=dtype, device="cpu",
                                       pin_memory=device.type == "cuda")
         for i, layer in enumerate(self.layers):
             layer.kv_cache = self.kv[i]

@@ -4,6 +4,10 @@
     input_ids       [a5 a6 a7 | b9 | c2]          positions [5 6 7 | 9 | 2]
     query_start_loc [0, 3, 4, 5]                  seq_lens  [8, 10, 3]
     slot_mapping    one cache slot per token       logits_indices [2, 3, 4] (last of each)
+
+On CUDA, steps where every sequence has one new token go through worker/cuda_graph.py instead
+(static buffers padded to a captured batch size, replayed as a CUDA graph); the CPU path is the
+flat batch above, unchanged.
 """
 
 from __future__ import annotations
@@ -21,10 +25,47 @@ from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.loader import initialize_dummy_weights, iter_weights
 from pagedllm.models.registry import get_model_class
 from pagedllm.worker.cache_engine import CacheEngine, kv_block_bytes
+from pagedllm.worker.cuda_graph import DecodeRunner
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StepTimer:
+    """GPU busy time per step, from CUDA events (no extra host syncs).
+
+    Each step records an event when its inputs are ready, before the forward pass, and one
+    after the logits; everything between the end of one step and the start of the next is
+    time the GPU waited for the host (scheduling, input preparation, output processing), give
+    or take a few small kernels counted as idle (input copies, cache plans, the sampler):
+
+        idle share = 1 - sum(step spans) / (last end - first begin)
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._begin: torch.cuda.Event | None = None
+
+    def begin(self) -> None:
+        self._begin = torch.cuda.Event(enable_timing=True)
+        self._begin.record()
+
+    def end(self) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.events.append((self._begin, end))
+
+    def summary(self) -> dict:
+        if not self.events:
+            return {"steps": 0}
+        torch.cuda.synchronize()
+        busy = sum(b.elapsed_time(e) for b, e in self.events)
+        wall = self.events[0][0].elapsed_time(self.events[-1][1])
+        n = len(self.events)
+        return {"steps": n, "gpu_busy_ms": busy, "wall_ms": wall,
+                "gpu_busy_ms_per_step": busy / n, "idle_ms_per_step": (wall - busy) / n,
+                "idle_share": 1.0 - busy / wall if wall > 0 else 0.0}
 
 
 @dataclass(slots=True)
@@ -45,6 +86,8 @@ class ModelRunner:
         self.model = self._load_model()
         self.sampler = Sampler()
         self.cache_engine: CacheEngine | None = None
+        self.decode_runner: DecodeRunner | None = None  # CUDA only; set up by init_cache
+        self.step_timer: StepTimer | None = None  # CUDA only: set one to measure GPU busy time
 
     # ---- start-up --------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -83,32 +126,49 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_num_gpu_blocks(self) -> int:
-        """Run the largest batch once with a scratch cache, see the peak, give the rest to KV."""
+        """Run the largest batch once with a scratch cache, see the peak, give the rest to KV.
+
+          total * gpu_memory_utilization
+            = weights + peak activations (largest prefill + sampler over max_num_seqs rows)
+              + memory of others (CUDA context, other processes) + KV cache
+        CUDA graphs are captured afterwards; their pool (tens of MiB) comes out of the headroom
+        that gpu_memory_utilization leaves, and is logged.
+        """
         sc = self.config.scheduler
         num_tokens = sc.max_num_batched_tokens
         seq_len = min(sc.max_model_len, num_tokens)
         num_seqs = -(-num_tokens // seq_len)
         scratch_blocks = num_seqs * -(-seq_len // self.block_size)
         torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        self.init_cache(scratch_blocks, 0)
-        self._dummy_forward(num_seqs, seq_len)
+        scratch = CacheEngine(self.model, scratch_blocks, 0, self.block_size, self.device,
+                              self.dtype)
+        self._dummy_forward(num_seqs, seq_len, num_sampled=min(sc.max_num_seqs, num_tokens))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - scratch_blocks * self.block_bytes()
-        self.cache_engine = None
+        del scratch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         used_by_others = total - free - torch.cuda.memory_allocated()
-        budget = total * self.config.cache.gpu_memory_utilization - peak - used_by_others
+        util = self.config.cache.gpu_memory_utilization
+        budget = total * util - peak - used_by_others
         num_blocks = int(budget // self.block_bytes())
+        gib = 2**30
+        logger.info(
+            "GPU memory: %.1f GiB total x gpu_memory_utilization %.2f = %.1f GiB: weights %.2f, "
+            "activation peak %.2f, CUDA context and others %.2f, KV cache %.2f GiB "
+            "(%d blocks, %d tokens)", total / gib, util, total * util / gib, weights / gib,
+            (peak - weights) / gib, used_by_others / gib, max(num_blocks, 0) * self.block_bytes()
+            / gib, max(num_blocks, 0), max(num_blocks, 0) * self.block_size)
         if num_blocks < 1:
             raise RuntimeError(
-                f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
-                f"{total / 2**30:.1f} GiB); raise gpu_memory_utilization or lower "
+                f"no GPU memory left for the KV cache (peak {peak / gib:.1f} GiB of "
+                f"{total / gib:.1f} GiB); raise gpu_memory_utilization or lower "
                 "max_num_batched_tokens")
         return num_blocks
 
-    def _dummy_forward(self, num_seqs: int, seq_len: int) -> None:
+    def _dummy_forward(self, num_seqs: int, seq_len: int, num_sampled: int = 1) -> None:
         bs = self.block_size
         blocks_per_seq = -(-seq_len // bs)
         T = num_seqs * seq_len
@@ -125,11 +185,20 @@ class ModelRunner:
         ids = torch.zeros(T, dtype=torch.int64, device=self.device)
         with forward_context(meta):
             hidden = self.model(ids, pos)
-        self.model.compute_logits(hidden[-num_seqs:]).float()
+        # The sampler's worst case: fp32 logits and logprobs for a full batch of rows.
+        logits = self.model.compute_logits(hidden[-num_sampled:]).float()
+        torch.log_softmax(logits, dim=-1).argmax(dim=-1)
 
     def init_cache(self, num_blocks: int, num_cpu_blocks: int) -> None:
         self.cache_engine = CacheEngine(self.model, num_blocks, num_cpu_blocks, self.block_size,
                                         self.device, self.dtype)
+        if self.device.type == "cuda":
+            sc, hf = self.config.scheduler, self.config.model.hf_config
+            self.decode_runner = DecodeRunner(
+                self.model, sc.max_num_seqs, sc.max_model_len, self.block_size, hf.hidden_size,
+                self.dtype, self.device)
+            if not self.config.enforce_eager:
+                self.decode_runner.capture()
 
     # ---- one step --------------------------------------------------------------------------
     def prepare_inputs(self, out: SchedulerOutput) -> ModelInputs:
@@ -188,13 +257,31 @@ class ModelRunner:
                                        out.blocks_to_copy)
         if not out.scheduled:
             return None, {}
-        inputs = self.prepare_inputs(out)
-        with forward_context(inputs.attn_meta):
-            hidden = self.model(inputs.input_ids, inputs.positions)  # [T, hidden]
+        timer = self.step_timer
+        decode = self.decode_runner
+        if decode is not None and decode.can_run(len(out.scheduled)) and all(
+                e.num_new_tokens == 1 for e in out.scheduled):
+            n = decode.prepare(out.scheduled)
+            if timer is not None:
+                timer.begin()
+            hidden = decode.run(n)  # [S, hidden], row i = scheduled[i]
+            rows = [i for i, e in enumerate(out.scheduled) if e.samples]
+            sampled = hidden if len(rows) == n else hidden[rows]
+        else:
+            inputs = self.prepare_inputs(out)
+            if timer is not None:
+                timer.begin()
+            with forward_context(inputs.attn_meta):
+                hidden = self.model(inputs.input_ids, inputs.positions)  # [T, hidden]
+            sampled = hidden[inputs.logits_indices]
         result = None
         if sampling is not None and sampling.num_rows:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
+            logits = self.model.compute_logits(sampled).float()
+            if timer is not None:
+                timer.end()  # before the sampler's sync; its few small kernels count as idle
             result = self.sampler(logits, sampling)
+        elif timer is not None:
+            timer.end()
         prompt_rows = self._prompt_logprobs(out, hidden, prompt_logprobs) if prompt_logprobs \
             else {}
         return result, prompt_rows

