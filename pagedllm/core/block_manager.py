@@ -164,7 +164,6 @@ class BlockManager:
             block.ref_cnt += 1
         self.block_tables[child.seq_id] = list(table)
         self.num_cached_blocks[child.seq_id] = self.num_cached_blocks[parent.seq_id]
-        child.block_hashes = list(parent.block_hashes)
 
     def free(self, seq: Sequence) -> None:
         table = self.block_tables.pop(seq.seq_id, None)

@@ -84,6 +84,17 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    def fork(self, seq_id: int) -> Sequence:
+        """A copy with a new id (the caller shares the KV blocks through BlockManager.fork)."""
+        child = Sequence(seq_id, self.prompt_token_ids)
+        child.token_ids = list(self.token_ids)
+        child.num_computed_tokens = self.num_computed_tokens
+        child.status = self.status
+        child.block_hashes = list(self.block_hashes)
+        child.cumulative_logprob = self.cumulative_logprob
+        child.logprobs = list(self.logprobs)
+        return child
+
     def append_token(self, token_id: int, logprob: float = 0.0) -> None:
         self.token_ids.append(token_id)
         self.cumulative_logprob += logprob

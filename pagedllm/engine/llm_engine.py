@@ -14,10 +14,11 @@ from pagedllm.core.block_manager import BlockManager
 from pagedllm.core.scheduler import ScheduledSeq, Scheduler
 from pagedllm.core.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.beam_search import BeamState
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.layers.sampler import SamplingMetadata, TokenLogprobs
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("pagedllm")
@@ -42,6 +43,7 @@ class RequestState:
     last_token_time: float | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    beam: BeamState | None = None  # set for beam-search requests
 
 
 class LLMEngine:
@@ -97,8 +99,6 @@ class LLMEngine:
                 raise ValueError("either prompt or prompt_token_ids is required")
             prompt_token_ids = self.tokenizer.encode(prompt)
         prompt_token_ids = self.validate_prompt(prompt_token_ids)
-        if params.n > 1:
-            raise ValueError("n > 1 (parallel sampling) is not implemented yet")
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         seq = Sequence(next(self._seq_ids), prompt_token_ids)
         seq.data = self._seq_state(seq, params)
@@ -149,12 +149,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         outputs = [self._fail(group, reason) for group, reason in out.rejected]
-        sampled = [e for e in out.scheduled if e.samples]
-        sampling = self._sampling_metadata(sampled) if sampled else None
+        rows = self._sample_rows(out.scheduled)  # (entry index, sequence) per sampler row
+        sampling = self._sampling_metadata(out.scheduled, rows) if rows else None
         want_plp = {e.seq.seq_id: e.group.params.prompt_logprobs for e in out.scheduled
                     if e.group.data.prompt_logprobs is not None
                     and e.seq.num_computed_tokens < e.seq.num_prompt_tokens - 1}
-        result, prompt_rows = self.runner.execute(out, sampling, want_plp)
+        result, prompt_rows = self.runner.execute(out, sampling, want_plp,
+                                                  sample_from=[i for i, _ in rows])
         self.scheduler.update_from_output(out)
 
         touched: dict[str, SequenceGroup] = {}
@@ -162,10 +163,19 @@ class LLMEngine:
             if e.seq.seq_id in prompt_rows:
                 self._store_prompt_logprobs(e, *prompt_rows[e.seq.seq_id])
         now = time.monotonic()
-        for i, e in enumerate(sampled):
-            lp = result.logprobs[i] if result.logprobs else None
-            self._append_token(e.group, e.seq, result.sampled_token_ids[i], lp, now)
-            touched[e.group.request_id] = e.group
+        beam_groups = {}
+        for r, (i, seq) in enumerate(rows):
+            group = out.scheduled[i].group
+            lp = result.logprobs[r] if result.logprobs else None
+            if group.data.beam is not None:  # beams pick their tokens together, below
+                group.data.beam.pending[seq.seq_id] = lp.top_logprobs
+                beam_groups[group.request_id] = group
+                continue
+            self._append_token(group, seq, result.sampled_token_ids[r], lp, now)
+            touched[group.request_id] = group
+        for group in beam_groups.values():
+            if self._beam_step(group, now):
+                touched[group.request_id] = group
         for group in self.scheduler.remove_finished():
             touched[group.request_id] = group
         for group in touched.values():
@@ -176,10 +186,42 @@ class LLMEngine:
         self._maybe_log(now)
         return outputs
 
-    def _sampling_metadata(self, sampled: list[ScheduledSeq]) -> SamplingMetadata:
+    def _sample_rows(self, scheduled: list[ScheduledSeq]) -> list[tuple[int, Sequence]]:
+        """Which sequences sample this step, and from which entry's logits.
+
+        Parallel sampling (n > 1) as in the paper: the prompt is prefilled once; when its
+        first token is due, the sequence forks into n that share every block (ref_cnt = n),
+        and all n sample their first token from the same logits.
+        """
+        rows = []
+        for i, e in enumerate(scheduled):
+            if not e.samples:
+                continue
+            rows.append((i, e.seq))
+            group = e.group
+            if group.params.n > 1 and len(group.seqs) == 1 and e.seq.num_output_tokens == 0:
+                for _ in range(group.params.n - 1):
+                    rows.append((i, self._fork(group, e)))
+        return rows
+
+    def _fork(self, group: SequenceGroup, e: ScheduledSeq) -> Sequence:
+        child = self._fork_seq(group, e.seq)
+        # This step computes the parent's chunk into the blocks the child shares.
+        child.num_computed_tokens += e.num_new_tokens
+        return child
+
+    def _fork_seq(self, group: SequenceGroup, parent: Sequence) -> Sequence:
+        child = parent.fork(next(self._seq_ids))
+        self.block_manager.fork(parent, child)
+        child.data = self._seq_state(child, group.params, seed_offset=len(group.seqs))
+        group.seqs.append(child)
+        return child
+
+    def _sampling_metadata(self, scheduled: list[ScheduledSeq],
+                           rows: list[tuple[int, Sequence]]) -> SamplingMetadata:
         params, gens, prompts, outs, banned = [], [], [], [], []
-        for e in sampled:
-            p, seq = e.group.params, e.seq
+        for i, seq in rows:
+            p = scheduled[i].group.params
             params.append(p)
             gens.append(seq.data.generator)
             prompts.append(seq.prompt_token_ids if p.repetition_penalty != 1.0 else [])
@@ -222,6 +264,67 @@ class LLMEngine:
             seq.data.detokenizer.finish()
             self.scheduler.finish_seq(seq, status)
 
+    # ---- beam search -------------------------------------------------------------------------
+    def add_beam_search_request(
+        self, request_id: str, prompt: str | None, params: BeamSearchParams,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
+        """Queue a beam search: one group whose sequences are the live beams."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"expected BeamSearchParams, got {type(params).__name__}")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("either prompt or prompt_token_ids is required")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = self.validate_prompt(prompt_token_ids)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        eos = set() if params.ignore_eos else set(self.eos_token_ids)
+        state = BeamState(params.beam_width, max_tokens, params.length_penalty, eos)
+        # The sampler only has to return each beam's top-K raw logprobs; the beam step picks.
+        inner = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                               logprobs=state.num_candidates, detokenize=False)
+        self.add_request(request_id, prompt, inner, ids)
+        self.groups[request_id].data.beam = state
+
+    def _beam_step(self, group: SequenceGroup, now: float) -> bool:
+        """Run a beam step once every live beam has new logits; True if the group changed."""
+        state: BeamState = group.data.beam
+        beams = group.live_seqs()
+        if any(b.seq_id not in state.pending for b in beams):
+            return False
+        if group.data.first_token_time is None:
+            group.data.first_token_time = now
+            self.stats["prompt_tokens_total"] += beams[0].num_prompt_tokens
+        decision = state.step(beams)
+        for beam in decision.drop:  # dropped beams free their blocks at once
+            self.scheduler.finish_seq(beam, SequenceStatus.FINISHED_STOPPED)
+        children: dict[int, list[tuple[int, float]]] = {}
+        for parent, token, score in decision.extend:
+            children.setdefault(id(parent), []).append((token, score))
+        for parent in {id(p): p for p, _, _ in decision.extend}.values():
+            picks = children[id(parent)]
+            # Fork before the parent's own token is appended: the children share its blocks.
+            targets = [parent] + [self._fork_seq(group, parent) for _ in picks[1:]]
+            for seq, (token, score) in zip(targets, picks):
+                seq.token_ids.append(token)
+                seq.cumulative_logprob = score
+        self.stats["generation_tokens_total"] += len(decision.extend)
+        # Finished beams live on only as hypotheses (one is kept: it holds the prompt).
+        group.seqs = group.live_seqs() or group.seqs[:1]
+        group.data.last_token_time = now
+        return True
+
+    def _beam_output(self, group: SequenceGroup) -> list[CompletionOutput]:
+        if not group.is_finished:
+            return []
+        return [
+            CompletionOutput(
+                index=i, text=self.tokenizer.decode(h.token_ids, skip_special_tokens=True),
+                token_ids=h.token_ids, cumulative_logprob=h.cum_logprob, logprobs=None,
+                finish_reason="stop" if h.ended_on_eos else "length")
+            for i, h in enumerate(group.data.beam.results())
+        ]
+
     def _convert_logprobs(self, lp: TokenLogprobs) -> dict[int, Logprob]:
         entry = {tid: Logprob(v, rank=r + 1) for r, (tid, v) in enumerate(lp.top_logprobs.items())}
         entry[lp.token_id] = Logprob(lp.logprob, rank=lp.rank)
@@ -246,7 +349,7 @@ class LLMEngine:
     def _make_output(self, group: SequenceGroup) -> RequestOutput:
         params = group.params
         want_lp = params.logprobs is not None
-        outs = [
+        outs = self._beam_output(group) if group.data.beam is not None else [
             CompletionOutput(
                 index=i,
                 text=seq.data.detokenizer.output_text,

@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 PromptType = str | dict[str, Any]
 
@@ -65,6 +65,35 @@ class LLM:
                 engine.abort_request(request_id)
             raise
         return self._run_engine(ids, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = True,
+    ) -> list[BeamSearchOutput]:
+        """Beam search inside the engine (fork + copy-on-write); one output per prompt whose
+        `.sequences` are sorted best first."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt in prompts:
+                text, token_ids = self._parse_prompt(prompt)
+                request_id = str(next(self._counter))
+                engine.add_beam_search_request(request_id, text, params, token_ids)
+                ids.append(request_id)
+        except Exception:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        return [
+            BeamSearchOutput([
+                BeamSearchSequence(o.token_ids, o.text, o.cumulative_logprob, o.finish_reason)
+                for o in out.outputs])
+            for out in self._run_engine(ids, use_tqdm)
+        ]
 
     def chat(
         self,

@@ -100,9 +100,9 @@ def test_fork_shares_blocks_and_first_write_copies_partial_block():
     bm = BlockManager(num_blocks=8, block_size=4)
     parent = seq(0, 6)
     compute(bm, parent, 6)  # blocks [0, 1], block 1 half full
-    child = Sequence(1, parent.token_ids)
+    child = parent.fork(1)
     bm.fork(parent, child)
-    child.num_computed_tokens = parent.num_computed_tokens
+    assert child.num_computed_tokens == 6 and child.num_prompt_tokens == 6
     assert bm.get_block_ids(1) == [0, 1]
     assert [bm.pool.blocks[i].ref_cnt for i in (0, 1)] == [2, 2]
     bm.check_integrity()
