@@ -157,13 +157,16 @@ class Scheduler:
         need = bm.num_blocks_to_allocate([(s, n, hits.get(s.seq_id, [])) for s, n in plan])
         if need > bm.num_free_blocks:
             return None
+        # Pin every prefix hit of the group first: allocating one sequence's new blocks pops
+        # the LRU free queue, which may hold a sibling's free cached hit.
+        for seq, _ in plan:
+            if hits.get(seq.seq_id):
+                bm.allocate_slots(seq, 0, hits[seq.seq_id])
+                seq.num_computed_tokens = len(hits[seq.seq_id]) * bm.block_size
         entries = []
         for seq, n in plan:
-            seq_hits = hits.get(seq.seq_id, [])
-            copies = bm.allocate_slots(seq, n, seq_hits)
+            copies = bm.allocate_slots(seq, n)
             assert copies is not None, "checked above"
-            if seq_hits:
-                seq.num_computed_tokens = len(seq_hits) * bm.block_size
             out.blocks_to_copy.extend(copies)
             entries.append(ScheduledSeq(seq, group, n, bm.get_block_ids(seq.seq_id)))
         return entries

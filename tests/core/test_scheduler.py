@@ -207,3 +207,23 @@ def test_swap_preemption_moves_a_group_and_brings_it_back_first(mode):
     assert bm.get_block_ids(1) == [3, 2, 1] and bm.get_block_ids(9) == [3, 4, 0]
     assert batch == [(1, 1), (9, 1)]
     assert sched.num_swapped_out_blocks == 3 and sched.num_swapped_in_blocks == 3
+
+
+
+def test_group_prefix_hits_are_pinned_before_siblings_allocate():
+    """Allocating one sequence's new block pops the LRU head; if that head is a sibling's free
+    cached hit, the sibling must already hold it (else two sequences share one new block)."""
+    sched, bm = make(num_blocks=4, block_size=2, caching=True)
+    for seq_id, tokens in [(90, [5, 6]), (91, [1, 2]), (92, [8, 8, 8, 8])]:
+        s = Sequence(seq_id, tokens)
+        bm.allocate_slots(s, len(tokens))
+        s.num_computed_tokens = len(tokens)
+        bm.cache_blocks(s)
+        bm.free(s)
+    # LRU order: [0: (5,6) cached, 1: (1,2) cached, 3, 2]
+    assert bm.pool.free_queue.block_ids() == [0, 1, 3, 2]
+    x, y = Sequence(0, [1, 2, 9]), Sequence(1, [5, 6, 9])
+    sched.add(SequenceGroup("g", [x, y], None, arrival_time=0))
+    batch, _ = step(sched)
+    assert batch == [(0, 1), (1, 1)]  # both start past their one-block hit
+    assert bm.get_block_ids(0) == [1, 3] and bm.get_block_ids(1) == [0, 2]
