@@ -187,14 +187,11 @@ class CompletionRequest(_SamplingRequest):
             return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                                for t in v)
 
-        if isinstance(value, str):
-            prompts = [value]
-        elif is_ids(value) and value:
-            prompts = [value]
-        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            prompts = value
-        elif isinstance(value, list) and value and all(is_ids(v) for v in value):
-            prompts = value
+        if isinstance(value, str) or (value and is_ids(value)):
+            prompts = [value]  # one prompt
+        elif isinstance(value, list) and value and (all(isinstance(v, str) for v in value)
+                                                    or all(is_ids(v) for v in value)):
+            prompts = value  # a batch
         else:
             raise ValueError("prompt must be a string, a list of strings, a list of token ids, "
                              "or a list of token-id lists")

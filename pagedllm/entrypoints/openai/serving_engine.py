@@ -97,8 +97,11 @@ class OpenAIServing:
 async def final_output(stream: RequestStream) -> RequestOutput:
     """Run a request to the end; an engine-side failure becomes an APIError."""
     last = None
-    async for out in stream:
-        last = out
+    try:
+        async for out in stream:
+            last = out
+    except Exception as exc:  # e.g. EngineDeadError -> 503
+        raise to_api_error(exc) from None
     if last is None or not last.finished:
         raise ClientDisconnected  # closed before the engine finished it
     if last.error is not None:
