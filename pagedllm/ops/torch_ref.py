@@ -82,16 +82,18 @@ def paged_decode_attention(
     v = value_cache[table].flatten(1, 2)[:, :max_len]
     pos = torch.arange(max_len, device=query.device)
     mask = pos[None, :] < seq_lens[:, None].to(query.device)  # [S, L]
-    # Grouped-query attention as two batched matmuls: the query heads that share a KV head
-    # form the rows of one [G, D] x [D, L] product, so K/V are never repeated per query head.
+    # Grouped-query attention without repeating K/V: the G query heads that share a KV head
+    # play the role of G query positions attending (non-causally) to that head's context.
     num_kv_heads = key_cache.shape[2]
     q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [S, Hkv, G, D]
-    k = k.permute(0, 2, 3, 1).to(query.dtype)  # [S, Hkv, D, L]
-    v = v.permute(0, 2, 1, 3).to(query.dtype)  # [S, Hkv, L, D]
-    scores = torch.matmul(q, k).float() * scale  # [S, Hkv, G, L]
-    scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(query.dtype)
-    return torch.matmul(probs, v).view(num_seqs, num_heads, head_dim)  # [S, Hq, D]
+    out = F.scaled_dot_product_attention(
+        q,
+        k.transpose(1, 2).to(query.dtype),  # [S, Hkv, L, D] (a strided view, no copy)
+        v.transpose(1, 2).to(query.dtype),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+    )
+    return out.reshape(num_seqs, num_heads, head_dim)  # [S, Hq, D]
 
 
 def paged_prefill_attention(
