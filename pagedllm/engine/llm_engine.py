@@ -94,11 +94,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ValueError("either prompt or prompt_token_ids is required")
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        prompt_token_ids = self.validate_prompt(prompt_token_ids)
+        prompt_token_ids = self.prompt_ids(prompt, prompt_token_ids)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         seq = Sequence(next(self._seq_ids), prompt_token_ids)
         seq.data = self._seq_state(seq, params)
@@ -112,7 +108,12 @@ class LLMEngine:
         self.groups[request_id] = group
         self.scheduler.add(group)
 
-    def validate_prompt(self, prompt_token_ids) -> list[int]:
+    def prompt_ids(self, prompt: str | None, prompt_token_ids=None) -> list[int]:
+        """The prompt's token ids (encoding the text if no ids are given), validated."""
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("either prompt or prompt_token_ids is required")
+            prompt_token_ids = self.tokenizer.encode(prompt)
         ids = list(prompt_token_ids)
         if not ids:
             raise ValueError("prompt must not be empty")
@@ -272,11 +273,7 @@ class LLMEngine:
         """Queue a beam search: one group whose sequences are the live beams."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"expected BeamSearchParams, got {type(params).__name__}")
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ValueError("either prompt or prompt_token_ids is required")
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        ids = self.validate_prompt(prompt_token_ids)
+        ids = self.prompt_ids(prompt, prompt_token_ids)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         eos = set() if params.ignore_eos else set(self.eos_token_ids)
         state = BeamState(params.beam_width, max_tokens, params.length_penalty, eos)
