@@ -6,6 +6,19 @@ Workload (seeded): N prompts of random token ids with lengths uniform in [min_le
     python benchmarks/throughput.py                      # the README row (CPU, fp32, 2 threads)
     python benchmarks/throughput.py --skip-hf --num-prompts 64
 
+On CUDA (`--device cuda`, bf16) the peer is HF transformers' continuous batching
+(`generate_batch`'s manager, paged|sdpa attention, one max_new_tokens per request), run on the
+first `--hf-num-prompts` requests with pagedllm timed again on the same subset. The ShareGPT
+workload comes from benchmarks/sharegpt.py; each request emits exactly its dataset length.
+Beside each result: the workload's roofline (benchmarks/gpu_utils.py) and the GPU idle share.
+
+    python benchmarks/throughput.py --device cuda --model .devdata/llama3-8b \
+        --load-format dummy --dataset sharegpt --dataset-file .devdata/sharegpt_1000.json \
+        --hf-backend generate_batch                           # ShareGPT, 1,000 requests
+    python benchmarks/throughput.py --device cuda --model .devdata/llama3-8b \
+        --load-format dummy --num-prompts 256 --min-len 1024 --max-len 1024 --output-len 16 \
+        --hf-backend none                                     # prefill-heavy (1024 in / 16 out)
+
 Prints one markdown table row per engine.
 """
 
@@ -83,7 +96,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct GGUF")
     ap.add_argument("--load-format", default="auto")
-    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--num-prompts", type=int, default=None,
+                    help="default: 32 random prompts; every request of a --dataset-file")
     ap.add_argument("--min-len", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=64)
@@ -93,7 +107,28 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts")
     ap.add_argument("--skip-hf", action="store_true")
+    gpu = ap.add_argument_group("CUDA options (--device cuda)")
+    gpu.add_argument("--dataset", choices=("random", "sharegpt"), default="random")
+    gpu.add_argument("--dataset-file", default=".devdata/sharegpt_1000.json")
+    gpu.add_argument("--hf-backend", choices=("generate_batch", "none"), default="none")
+    gpu.add_argument("--hf-num-prompts", type=int, default=200,
+                     help="HF runs (and pagedllm re-runs) the first N requests")
+    gpu.add_argument("--hf-timeout", type=float, default=300.0, help="seconds")
+    gpu.add_argument("--max-num-seqs", type=int, default=256)
+    gpu.add_argument("--max-num-batched-tokens", type=int, default=None)
+    gpu.add_argument("--max-model-len", type=int, default=None)
+    gpu.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    gpu.add_argument("--enforce-eager", action="store_true")
+    gpu.add_argument("--no-detokenize", action="store_true")
+    gpu.add_argument("--repeat", type=int, default=1, help="timed runs; the last is reported")
     args = ap.parse_args()
+    if args.device == "cuda":
+        from throughput_gpu import main_gpu
+
+        main_gpu(args)
+        return
+    if args.num_prompts is None:
+        args.num_prompts = 32
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -22,7 +22,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [S] int32: context length including this step's tokens
     query_start_loc: torch.Tensor  # [S + 1] int32
     max_query_len: int
-    max_seq_len: int
+    max_seq_len: int | None  # None: unknown (CUDA-graph decode; kernels bound it by shapes)
 
     @property
     def is_decode_only(self) -> bool:

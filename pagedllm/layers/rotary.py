@@ -65,7 +65,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]
-        if fused.use_fused(q):  # CUDA: q and k in one kernel, bit-identical to the code below
+        if fused.use_fused(q):  # CUDA: q and k in one kernel; equal to the code below within
+            # one rounding (ops/triton/layer_ops.py)
             return fused.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)

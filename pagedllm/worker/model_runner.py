@@ -193,15 +193,15 @@ class ModelRunner:
         self.cache_engine = CacheEngine(self.model, num_blocks, num_cpu_blocks, self.block_size,
                                         self.device, self.dtype)
         if self.device.type == "cuda":
-            sc, hf = self.config.scheduler, self.config.model.hf_config
-            self.decode_runner = DecodeRunner(
-                self.model, sc.max_num_seqs, sc.max_model_len, self.block_size, hf.hidden_size,
-                self.dtype, self.device)
+            sc = self.config.scheduler
+            self.decode_runner = DecodeRunner(self.model, sc.max_num_seqs, sc.max_model_len,
+                                              self.block_size, self.device)
             if not self.config.enforce_eager:
                 self.decode_runner.capture()
 
     # ---- one step --------------------------------------------------------------------------
-    def prepare_inputs(self, out: SchedulerOutput) -> ModelInputs:
+    def prepare_inputs(self, out: SchedulerOutput, sample_from: list[int] | None = None
+                       ) -> ModelInputs:
         bs = self.block_size
         input_ids, positions, slots = [], [], []
         query_start_loc, seq_lens, logits_indices = [0], [], []
@@ -234,6 +234,8 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
         )
         ids = [t for chunk in input_ids for t in chunk]
+        if sample_from is not None:  # explicit rows; an entry may be sampled several times
+            logits_indices = [query_start_loc[i + 1] - 1 for i in sample_from]
         return ModelInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
             positions=tensor(np.concatenate(positions), torch.int64),
@@ -247,8 +249,12 @@ class ModelRunner:
         out: SchedulerOutput,
         sampling: SamplingMetadata | None,
         prompt_logprobs: dict[int, int] | None = None,
+        sample_from: list[int] | None = None,
     ) -> tuple[SamplerOutput | None, dict[int, list]]:
         """Run cache plans, the forward pass and the sampler.
+
+        sample_from: the scheduled entry behind each sampler row (default: every entry that
+        samples, once). A group forking into n sequences samples one entry's logits n times.
 
         prompt_logprobs: seq_id -> k for sequences whose prompt logprobs are wanted; the result
         maps seq_id -> (first position, per-position rows from compute_prompt_logprobs).
@@ -261,14 +267,15 @@ class ModelRunner:
         decode = self.decode_runner
         if decode is not None and decode.can_run(len(out.scheduled)) and all(
                 e.num_new_tokens == 1 for e in out.scheduled):
-            n = decode.prepare(out.scheduled)
+            n, short = decode.prepare(out.scheduled)
             if timer is not None:
                 timer.begin()
-            hidden = decode.run(n)  # [S, hidden], row i = scheduled[i]
-            rows = [i for i, e in enumerate(out.scheduled) if e.samples]
-            sampled = hidden if len(rows) == n else hidden[rows]
+            hidden = decode.run(n, short)  # [S, hidden], row i = scheduled[i]
+            rows = sample_from if sample_from is not None else [
+                i for i, e in enumerate(out.scheduled) if e.samples]
+            sampled = hidden if rows == list(range(n)) else hidden[rows]
         else:
-            inputs = self.prepare_inputs(out)
+            inputs = self.prepare_inputs(out, sample_from)
             if timer is not None:
                 timer.begin()
             with forward_context(inputs.attn_meta):
