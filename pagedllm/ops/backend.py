@@ -4,6 +4,10 @@ Each op dispatches on the device of its tensors: the Triton kernels for CUDA ten
 triton imports), the PyTorch twins in torch_ref otherwise. PAGEDLLM_ATTENTION_BACKEND=torch|triton
 forces one side (read once, at import; `triton` on CPU tensors needs TRITON_INTERPRET=1).
 
+Decode on CPU tensors (fp32, bf16) takes the C++ kernel of ops/cpu_kernels.py when no backend is
+forced and it builds (PAGEDLLM_CPU_KERNELS=0 turns it off); `torch` still means the pure-PyTorch
+twins everywhere, so the twin stays one variable away.
+
 Dispatch is a couple of attribute reads per call: it runs every layer of every step, and inside
 CUDA-graph capture, so it never looks at tensor contents.
 """
@@ -14,7 +18,7 @@ import os
 
 import torch
 
-from pagedllm.ops import torch_ref
+from pagedllm.ops import cpu_kernels, torch_ref
 
 _BACKENDS = ("torch", "triton")
 _OVERRIDE = os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "").strip().lower() or None
@@ -63,6 +67,8 @@ def paged_decode_attention(
     from the block tables' width (no host sync); the twin computes max(seq_lens)."""
     if _use_triton(query.device):
         impl = _triton_decode.paged_decode_attention
+    elif _OVERRIDE is None and cpu_kernels.supports(query, key_cache):
+        impl = cpu_kernels.paged_decode_attention
     else:
         impl = torch_ref.paged_decode_attention
     return impl(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)

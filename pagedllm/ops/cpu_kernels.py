@@ -1,0 +1,157 @@
+"""C++ paged decode attention for CPU tensors (csrc/paged_decode_cpu.cpp), twin of
+torch_ref.paged_decode_attention.
+
+The twin gathers every sequence's whole context out of the paged cache (a copy) in every layer
+before SDPA; on a CPU that copy is most of decode attention's time. The kernel reads K/V rows in
+place through the block table, once for all the query heads of a KV head, prefetching the next
+block, and runs one task per sequence (or per sequence and KV head, for small batches) on
+torch's intra-op threads. Arithmetic is fp32 (bf16 caches are widened on load); it matches the
+twin to ~1e-6 in fp32 (tests/ops/test_cpu_kernels.py).
+
+It is JIT-compiled with torch.utils.cpp_extension on first use (a few seconds; cached in torch's
+extensions directory, so later processes only load it) and called through ctypes (the C++ file
+says why). If it cannot be built or loaded, for any reason, one warning is logged and the twin
+serves every call: the package never needs a compiler. PAGEDLLM_CPU_KERNELS=0 turns it off (read
+at import).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pagedllm.ops import torch_ref
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
+_DTYPES = (torch.float32, torch.bfloat16)
+_ENABLED = os.environ.get("PAGEDLLM_CPU_KERNELS", "1") != "0"
+_lib: ctypes.CDLL | None = None
+_load_error: str | None = None if _ENABLED else "disabled by PAGEDLLM_CPU_KERNELS=0"
+
+_ptr, _i32, _i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+_ARGTYPES = (
+    [_ptr] * 6 + [_i32]  # query, key_cache, value_cache, block_tables, seq_lens, out, is_bf16
+    + [_i64] * 6  # num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size
+    + [ctypes.c_float, _i64]  # scale, max_len
+    + [_i64] * 6  # strides: query (seq, head), caches (block, token, head), block_tables (seq)
+)
+
+
+def load() -> bool:
+    """Build (or load the cached build of) the kernel once; True if it is usable."""
+    global _lib, _load_error
+    if _lib is not None or _load_error is not None:
+        return _lib is not None
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        _put_ninja_on_path()
+        path = load_extension(
+            name="pagedllm_cpu_kernels",
+            sources=[str(_SOURCE)],
+            build_directory=str(_build_directory()),
+            # No -march=native (CI machines differ): the AVX2 path is picked at run time.
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        lib = ctypes.CDLL(path)
+        lib.pagedllm_paged_decode_attention.argtypes = _ARGTYPES
+        lib.pagedllm_paged_decode_attention.restype = _i32
+        _lib = lib
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error, a bad cache...
+        _load_error = f"{type(e).__name__}: {e}"
+        logger.warning("pagedllm: CPU attention kernel unavailable, using the PyTorch twin (%s)",
+                       _load_error.splitlines()[0])
+    return _lib is not None
+
+
+def _build_directory() -> Path:
+    """Under torch's extensions root (TORCH_EXTENSIONS_DIR, as cpp_extension reads it), one
+    directory per Python and torch version (the library links against libtorch). A lock file
+    left by a killed build would make every later load wait on it forever: one older than any
+    real build is removed."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    path = Path(root) / f"pagedllm_cpu_kernels_{version.replace('+', '_')}"
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > 300:
+        logger.warning("pagedllm: removing a stale build lock %s", lock)
+        lock.unlink(missing_ok=True)
+    return path
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; a venv used without activation has the pip-installed
+    one (a dependency of this package) off PATH."""
+    if shutil.which("ninja") is None:
+        import ninja  # the pip package: its binary's directory
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load_error() -> str | None:
+    """Why the kernel is not in use (None while it is, or before the first load)."""
+    return _load_error
+
+
+def supports(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Whether the kernel takes these tensors (CPU, fp32 or bf16 throughout); builds it on the
+    first call that would use it."""
+    return (query.device.type == "cpu" and query.dtype in _DTYPES
+            and key_cache.dtype == query.dtype and load())
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [S, Hq, D], one query token per sequence
+    key_cache: torch.Tensor,  # [N, B, Hkv, D]
+    value_cache: torch.Tensor,  # [N, B, Hkv, D]
+    block_tables: torch.Tensor,  # [S, M] int32; entries past a sequence's blocks are ignored
+    seq_lens: torch.Tensor,  # [S] int32
+    scale: float,
+    max_seq_len: int | None = None,  # an upper bound on seq_lens, or None
+) -> torch.Tensor:  # [S, Hq, D]
+    """See torch_ref.paged_decode_attention; the twin serves tensors the kernel does not take."""
+    if not (supports(query, key_cache) and value_cache.dtype == query.dtype
+            and key_cache.stride(-1) == 1 and value_cache.stride() == key_cache.stride()):
+        return torch_ref.paged_decode_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)
+    num_seqs, num_heads, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    assert key_cache.shape == value_cache.shape and key_cache.shape[3] == head_dim
+    assert num_heads % num_kv_heads == 0 and block_tables.shape[0] == seq_lens.shape[0] == num_seqs
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    block_tables = block_tables.to(torch.int32)
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    # The twin clips its bound to the block tables' width; max_seq_len bounds every sequence.
+    max_len = block_tables.shape[1] * block_size
+    if max_seq_len is not None:
+        max_len = min(max_len, max_seq_len)
+    out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype)
+    if num_seqs == 0:
+        return out
+    bad_block = _lib.pagedllm_paged_decode_attention(
+        query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(),
+        seq_lens.data_ptr(), out.data_ptr(), query.dtype == torch.bfloat16,
+        num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale, max_len,
+        query.stride(0), query.stride(1), *key_cache.stride()[:3], block_tables.stride(0),
+    )
+    if bad_block:
+        raise IndexError("a block table entry of a used block is out of range")
+    return out

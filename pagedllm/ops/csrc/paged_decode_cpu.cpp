@@ -1,0 +1,279 @@
+// Paged decode attention on the CPU: the twin of torch_ref.paged_decode_attention, without its
+// gather. A task is one sequence (or one of its KV heads): it reads the sequence's K rows, then
+// its V rows, straight out of the paged cache through the block table, each once for all the
+// query heads that share a KV head (r = one query head, t = one context token):
+//
+//   pass 1  s[r, t] = scale * q[r] . k[t]            t < len   (scores: R x len, fp32)
+//   softmax p[r, t] = exp(s[r, t] - max_t s[r, :])   (two-pass: the exact max first)
+//   pass 2  o[r]    = sum_t p[r, t] v[t] / sum_t p[r, t]
+//
+// Storage is fp32 or bf16 (the raw 16 bits, widened on load); arithmetic is always fp32. Inner
+// loops are written so -O3 vectorizes them without -ffast-math; on x86 an AVX2+FMA copy of the
+// whole task is compiled next to the baseline one and picked once, on the first call, by CPUID.
+//
+// NOTE: a plain C entry point called through ctypes (ops/cpu_kernels.py checks the tensors and
+// allocates the output), not a torch op: the op-registration and Tensor headers take ~12 s to
+// compile, this file ~3 s. The only torch header is at::parallel_for's, so tasks run on torch's
+// own intra-op threads (built with -fopenmp: the process's one libgomp, already loaded by torch).
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#define INLINE inline __attribute__((always_inline))
+
+namespace {
+
+using bf16_bits = uint16_t;
+
+INLINE float to_float(float x) { return x; }
+INLINE float to_float(bf16_bits x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+INLINE void store(float* p, float x) { *p = x; }
+INLINE void store(bf16_bits* p, float x) {  // round to nearest even, as c10::BFloat16 does
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+  *p = std::isnan(x) ? bf16_bits{0x7fc0} : static_cast<bf16_bits>(rounded);
+}
+
+// Reductions keep W independent partial sums (one or two vector registers) so that -O3
+// vectorizes them without reassociating a single running sum (which needs -ffast-math).
+constexpr int W = 8;
+
+INLINE float sum_lanes(float* acc) {  // tree sum of W partials (W a power of two)
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
+template <typename T>
+INLINE float dot(const float* q, const T* k, int64_t n) {  // q . k over n elements
+  float acc[W] = {};
+  int64_t d = 0;
+  for (; d + W <= n; d += W)
+    for (int j = 0; j < W; ++j) acc[j] += q[d + j] * to_float(k[d + j]);
+  for (; d < n; ++d) acc[0] += q[d] * to_float(k[d]);
+  return sum_lanes(acc);
+}
+
+// NOTE: a ?: on values, not std::max (which returns a reference): GCC vectorizes only the former.
+INLINE float max_of(const float* x, int64_t n) {
+  float acc[W];
+  for (int j = 0; j < W; ++j) acc[j] = x[0];
+  int64_t t = 0;
+  for (; t + W <= n; t += W)
+    for (int j = 0; j < W; ++j) acc[j] = x[t + j] > acc[j] ? x[t + j] : acc[j];
+  for (; t < n; ++t) acc[0] = std::max(acc[0], x[t]);
+  for (int j = 1; j < W; ++j) acc[0] = std::max(acc[0], acc[j]);
+  return acc[0];
+}
+
+// exp(x) for -87 <= x <= 0 (exp(-87) ~ 1.6e-38 is still normal: 2^n needs n >= -126), to ~1
+// ulp: 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its degree-6 Taylor
+// polynomial. Plain arithmetic, not libm's expf, so that the loop over scores vectorizes.
+INLINE float exp_nonpositive(float x) {
+  const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// x[t] = exp(x[t] - m) in place; returns their sum.
+// NOTE: clamping in a loop of its own: inside the exp loop the clamp blocks vectorization.
+INLINE float exp_sum(float* x, int64_t n, float m) {
+  for (int64_t t = 0; t < n; ++t) x[t] = std::max(x[t] - m, -87.f);
+  for (int64_t t = 0; t < n; ++t) x[t] = exp_nonpositive(x[t]);
+  float acc[W] = {};
+  int64_t t = 0;
+  for (; t + W <= n; t += W)
+    for (int j = 0; j < W; ++j) acc[j] += x[t + j];
+  for (; t < n; ++t) acc[0] += x[t];
+  return sum_lanes(acc);
+}
+
+// Pull one row into the cache ahead of use.
+template <typename T>
+INLINE void prefetch_row(const T* row, int64_t n) {
+  for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + i);
+}
+
+struct Args {
+  const void* query;
+  const void* key_cache;
+  const void* value_cache;
+  const int32_t* block_tables;
+  const int32_t* seq_lens;
+  void* out;
+  float scale;
+  int64_t max_len;  // per-sequence bound on the context (max_seq_len, block-table width)
+  int64_t num_kv_heads, group, head_dim, block_size, num_blocks;
+  int64_t q_seq_stride, q_head_stride;                       // query (out is contiguous)
+  int64_t kv_block_stride, kv_token_stride, kv_head_stride;  // key_cache and value_cache
+  int64_t bt_stride;
+  std::atomic<bool>* bad_block;
+};
+
+// Prefetch one token's rows for nh KV heads, the first at `row`.
+template <typename T>
+INLINE void prefetch_heads(const Args& a, const T* row, int64_t nh) {
+  for (int64_t j = 0; j < nh; ++j) prefetch_row(row + j * a.kv_head_stride, a.head_dim);
+}
+
+// One sequence, KV heads [h0, h0 + nh): its R = nh * G query heads (consecutive in the query).
+// scratch: q (R x D) | acc (R x D) | 1 / row sums (R) | scores (R x len).
+template <typename T>
+INLINE void attend(const Args& a, int64_t seq, int64_t h0, int64_t nh,
+                   std::vector<float>& scratch) {
+  const int64_t G = a.group, D = a.head_dim, B = a.block_size, R = nh * G;
+  const int64_t len = std::min<int64_t>(a.seq_lens[seq], a.max_len);
+  T* out = static_cast<T*>(a.out) + (seq * a.num_kv_heads + h0) * G * D;
+  if (len <= 0) {  // the twin's fully masked row is zeros
+    for (int64_t i = 0; i < R * D; ++i) store(out + i, 0.f);
+    return;
+  }
+  const int32_t* table = a.block_tables + seq * a.bt_stride;
+  const int64_t num_used = (len + B - 1) / B;
+  for (int64_t b = 0; b < num_used; ++b) {  // only the used entries: the tail may be garbage
+    if (table[b] < 0 || table[b] >= a.num_blocks) {
+      a.bad_block->store(true, std::memory_order_relaxed);
+      return;
+    }
+  }
+  scratch.resize(2 * R * D + R + R * len);
+  float* q = scratch.data();
+  float* acc = q + R * D;
+  float* inv_sum = acc + R * D;
+  float* s = inv_sum + R;
+  const T* query =
+      static_cast<const T*>(a.query) + seq * a.q_seq_stride + h0 * G * a.q_head_stride;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) q[r * D + d] = to_float(query[r * a.q_head_stride + d]);
+  std::fill(acc, acc + R * D, 0.f);
+
+  // Token t is row t % B of block table[t / B]; its KV head h0 + j starts at element
+  //   table[t / B] * kv_block_stride + (t % B) * kv_token_stride + (h0 + j) * kv_head_stride
+  // Blocks are scattered, so the hardware prefetcher cannot guess the next one: while block b
+  // is read, row by row, the same rows of block b + 1 are prefetched (after the last block of K,
+  // the first block of V).
+  const int64_t head0 = h0 * a.kv_head_stride;
+  const T* key = static_cast<const T*>(a.key_cache) + head0;
+  const T* value = static_cast<const T*>(a.value_cache) + head0;
+  for (int64_t b = 0, t = 0; b < num_used; ++b) {  // pass 1: scores, s[r * len + t]
+    const T* k = key + table[b] * a.kv_block_stride;
+    const T* next = b + 1 < num_used ? key + table[b + 1] * a.kv_block_stride
+                                     : value + table[0] * a.kv_block_stride;
+    for (int64_t i = 0; i < B && t < len; ++i, ++t) {
+      const T* row = k + i * a.kv_token_stride;
+      prefetch_heads(a, next + i * a.kv_token_stride, nh);
+      for (int64_t j = 0; j < nh; ++j)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = j * G + g;
+          s[r * len + t] = dot(q + r * D, row + j * a.kv_head_stride, D) * a.scale;
+        }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {  // softmax numerators, in place
+    float* sr = s + r * len;
+    inv_sum[r] = 1.f / exp_sum(sr, len, max_of(sr, len));
+  }
+  for (int64_t b = 0, t = 0; b < num_used; ++b) {  // pass 2: acc[r] += p[r, t] v[t]
+    const T* v = value + table[b] * a.kv_block_stride;
+    const T* next = b + 1 < num_used ? value + table[b + 1] * a.kv_block_stride : nullptr;
+    for (int64_t i = 0; i < B && t < len; ++i, ++t) {
+      const T* row = v + i * a.kv_token_stride;
+      if (next != nullptr) prefetch_heads(a, next + i * a.kv_token_stride, nh);
+      for (int64_t j = 0; j < nh; ++j)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = j * G + g;
+          const float p = s[r * len + t];
+          float* o = acc + r * D;
+          const T* vj = row + j * a.kv_head_stride;
+          for (int64_t d = 0; d < D; ++d) o[d] += p * to_float(vj[d]);
+        }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) store(out + r * D + d, acc[r * D + d] * inv_sum[r]);
+}
+
+// Tasks [begin, end): task i is sequence i / tasks_per_seq, its (i % tasks_per_seq)-th group of
+// heads_per_task KV heads.
+template <typename T>
+INLINE void attend_range(const Args& a, int64_t heads_per_task, int64_t begin, int64_t end) {
+  std::vector<float> scratch;
+  const int64_t tasks_per_seq = a.num_kv_heads / heads_per_task;
+  for (int64_t i = begin; i < end; ++i)
+    attend<T>(a, i / tasks_per_seq, (i % tasks_per_seq) * heads_per_task, heads_per_task, scratch);
+}
+
+using RangeFn = void (*)(const Args&, int64_t, int64_t, int64_t);
+
+template <typename T>
+void range_baseline(const Args& a, int64_t h, int64_t b, int64_t e) {
+  attend_range<T>(a, h, b, e);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_AVX2_PATH 1
+template <typename T>
+__attribute__((target("avx2,fma"))) void range_avx2(const Args& a, int64_t h, int64_t b,
+                                                    int64_t e) {
+  attend_range<T>(a, h, b, e);
+}
+#endif
+
+template <typename T>
+RangeFn pick() {
+#ifdef HAVE_AVX2_PATH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &range_avx2<T>;
+#endif
+  return &range_baseline<T>;
+}
+
+}  // namespace
+
+// Returns 0, or 1 if a used block-table entry is out of [0, num_blocks) (nothing is read then).
+extern "C" int pagedllm_paged_decode_attention(
+    const void* query, const void* key_cache, const void* value_cache,
+    const int32_t* block_tables, const int32_t* seq_lens, void* out, int is_bf16,
+    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t num_blocks, int64_t block_size, float scale, int64_t max_len,
+    int64_t q_seq_stride, int64_t q_head_stride, int64_t kv_block_stride,
+    int64_t kv_token_stride, int64_t kv_head_stride, int64_t bt_stride) {
+  std::atomic<bool> bad_block{false};
+  const Args a{query, key_cache, value_cache, block_tables, seq_lens, out, scale, max_len,
+               num_kv_heads, num_heads / num_kv_heads, head_dim, block_size, num_blocks,
+               q_seq_stride, q_head_stride, kv_block_stride, kv_token_stride, kv_head_stride,
+               bt_stride, &bad_block};
+  static const RangeFn f32 = pick<float>(), b16 = pick<bf16_bits>();
+  const RangeFn fn = is_bf16 ? b16 : f32;
+  // A task per sequence reads each token's K/V rows for all KV heads, one contiguous run (the
+  // prefetcher's favourite); with too few sequences to keep every thread busy, a task per
+  // (sequence, KV head).
+  const int64_t heads_per_task = num_seqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t num_tasks = num_seqs * (num_kv_heads / heads_per_task);
+  at::parallel_for(0, num_tasks, 1, [&](int64_t b, int64_t e) { fn(a, heads_per_task, b, e); });
+  return bad_block.load() ? 1 : 0;
+}
