@@ -7,6 +7,12 @@ import os
 import pytest
 import torch
 
+# Triton kernels bind to the interpreter when they are decorated, so TRITON_INTERPRET must be
+# set before any test module imports them (engine tests import ops.backend too). On a CPU the
+# engine itself never runs Triton, so this only affects the kernel tests in tests/ops.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # CI has 2 cores; pin the thread count so results do not depend on the machine.
 torch.set_num_threads(int(os.environ.get("PAGEDLLM_TEST_THREADS", "2")))
 
