@@ -51,10 +51,6 @@ class SchedulerOutput:
     def num_batched_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
-    @property
-    def has_cache_ops(self) -> bool:
-        return bool(self.blocks_to_copy or self.blocks_to_swap_in or self.blocks_to_swap_out)
-
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
@@ -190,6 +186,8 @@ class Scheduler:
             if not entries:
                 break  # budget too small for an unchunked prefill
             self.waiting.pop(0)
+            if live[0].num_output_tokens == 0:  # first admission, not a resume
+                group.num_cached_tokens = len(hits[live[0].seq_id]) * bm.block_size
             for seq in live:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += len(hits[seq.seq_id]) * bm.block_size

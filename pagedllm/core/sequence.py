@@ -77,10 +77,6 @@ class Sequence:
         return self.token_ids[: self.num_prompt_tokens]
 
     @property
-    def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
-
-    @property
     def is_finished(self) -> bool:
         return self.status.is_finished
 
@@ -117,6 +113,8 @@ class SequenceGroup:
     max_tokens: int = 16  # resolved output budget (params.max_tokens or up to max_model_len)
     # Prompt logprobs need every prompt position computed, so such requests take no prefix hits.
     skip_prefix_cache: bool = False
+    # Prompt tokens served from the prefix cache when the prompt was first admitted.
+    num_cached_tokens: int = 0
     data: Any = None  # engine-side state (metrics timestamps, beam bookkeeping)
 
     @property

@@ -41,7 +41,6 @@ class RequestState:
     prompt_logprobs: list | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
-    num_cached_tokens: int = 0
     error: str | None = None
     beam: BeamState | None = None  # set for beam-search requests
 
@@ -363,7 +362,7 @@ class LLMEngine:
             request_id=group.request_id, prompt=group.prompt,
             prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=group.is_finished,
             prompt_logprobs=group.data.prompt_logprobs, error=group.data.error,
-            num_cached_tokens=group.data.num_cached_tokens,
+            num_cached_tokens=group.num_cached_tokens,
             metrics={"arrival_time": group.arrival_time,
                      "first_token_time": group.data.first_token_time,
                      "last_token_time": group.data.last_token_time},
