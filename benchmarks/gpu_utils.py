@@ -126,10 +126,14 @@ class StepProfile:
 
     Wraps the engine's methods on the instance (nothing in the engine changes):
       schedule   Scheduler.schedule
-      prepare    ModelRunner.prepare_inputs / DecodeRunner.prepare (inputs to the device)
-      execute    ModelRunner.execute: prepare + forward launch + the sampler's wait for the GPU
+      prepare    ModelRunner.prepare_inputs / CudaGraphRunner.prepare (inputs to the device)
+      execute    synchronous steps: ModelRunner.execute (prepare + forward launch + the
+                 sampler's wait for the GPU); async steps: ModelRunner.launch (prepare +
+                 launches, no wait) + ModelRunner.collect (the wait for the previous step)
       step       LLMEngine.step; step - schedule - execute = output processing (detokenize,
                  stop checks, RequestOutputs) and sampling metadata
+    With async scheduling the host's work overlaps the GPU, so host phases no longer add up
+    to GPU idle time: the idle share (CUDA events) is what tells whether the GPU waited.
     """
 
     def __init__(self, engine) -> None:
@@ -143,9 +147,11 @@ class StepProfile:
         self._wrap(engine, "step", "step")
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(runner, "execute", "execute", self._record_shape)
+        self._wrap(runner, "launch", "launch", self._record_shape)
+        self._wrap(runner, "collect", "collect")
         self._wrap(runner, "prepare_inputs", "prepare")
-        if runner.decode_runner is not None:
-            self._wrap(runner.decode_runner, "prepare", "prepare")
+        if runner.graph_runner is not None:
+            self._wrap(runner.graph_runner, "prepare", "prepare")
         self.timer = StepTimer() if runner.device.type == "cuda" else None
         runner.step_timer = self.timer
 
@@ -170,9 +176,10 @@ class StepProfile:
 
     def close(self) -> None:
         for obj in (self.engine, self.engine.scheduler, self.engine.runner,
-                    self.engine.runner.decode_runner):
+                    self.engine.runner.graph_runner):
             if obj is not None:
-                for name in ("step", "schedule", "execute", "prepare_inputs", "prepare"):
+                for name in ("step", "schedule", "execute", "launch", "collect",
+                             "prepare_inputs", "prepare"):
                     obj.__dict__.pop(name, None)
         self.engine.runner.step_timer = None
 
@@ -181,7 +188,9 @@ class StepProfile:
         ms = {k: 1e3 * v / steps for k, v in self.seconds.items()}
         out = {"steps": self.calls["step"], "step_ms": ms.get("step", 0.0),
                "schedule_ms": ms.get("schedule", 0.0), "prepare_ms": ms.get("prepare", 0.0),
-               "execute_ms": ms.get("execute", 0.0)}
+               "execute_ms": ms.get("execute", 0.0) + ms.get("launch", 0.0)
+               + ms.get("collect", 0.0), "launch_ms": ms.get("launch", 0.0),
+               "collect_ms": ms.get("collect", 0.0)}
         out["output_processing_ms"] = out["step_ms"] - out["schedule_ms"] - out["execute_ms"]
         if self.timer is not None:
             out.update({f"gpu_{k}": v for k, v in self.timer.summary().items()})
@@ -204,8 +213,9 @@ class StepProfile:
 
 def format_profile(s: dict) -> str:
     text = (f"per step ({s['steps']} steps): {s['step_ms']:.2f} ms host = schedule "
-            f"{s['schedule_ms']:.2f} + execute {s['execute_ms']:.2f} (of which input prep "
-            f"{s['prepare_ms']:.2f}) + output processing {s['output_processing_ms']:.2f} ms")
+            f"{s['schedule_ms']:.2f} + execute {s['execute_ms']:.2f} (input prep "
+            f"{s['prepare_ms']:.2f}; async: launch {s['launch_ms']:.2f}, wait for the previous "
+            f"step {s['collect_ms']:.2f}) + output processing {s['output_processing_ms']:.2f} ms")
     if "gpu_idle_share" in s:
         text += (f"; GPU busy {s['gpu_gpu_busy_ms_per_step']:.2f} ms, idle "
                  f"{s['gpu_idle_ms_per_step']:.2f} ms -> GPU idle share {100 * s['gpu_idle_share']:.1f}%")

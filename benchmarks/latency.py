@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: the engine's (on for CUDA)")
     ap.add_argument("--no-fused-ops", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     args = ap.parse_args()
@@ -54,6 +56,7 @@ def main() -> None:
     copy_gbs = gpu_utils.copy_bandwidth_gbs()
     llm = LLM(args.model, load_format=args.load_format, dtype="bfloat16", seed=args.seed,
               max_num_seqs=args.batch_size, enforce_eager=args.enforce_eager,
+              async_scheduling=args.async_scheduling,
               gpu_memory_utilization=args.gpu_memory_utilization)
     cfg = llm.llm_engine.config.model.hf_config
     rng = random.Random(args.seed)
@@ -89,7 +92,8 @@ def main() -> None:
         "kv_bytes_per_token"]
     floor_ms = step_bytes / (copy_gbs * 1e9) * 1e3
     mode = ("eager" if args.enforce_eager else "CUDA graphs") + (
-        ", fused ops off" if args.no_fused_ops else ", fused ops")
+        ", fused ops off" if args.no_fused_ops else ", fused ops") + (
+        ", async scheduling" if llm.llm_engine.config.async_scheduling else ", synchronous")
     print(f"# {gpu_utils.device_line()}")
     print(f"# model {args.model} ({args.load_format}, bf16); batch {args.batch_size}, "
           f"{args.input_len} prompt tokens, {args.output_len} new tokens, greedy, seed "

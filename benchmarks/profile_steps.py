@@ -9,7 +9,8 @@ steps of one kind only (decode steps start after every prompt is prefilled):
     decode-256   256 requests, 256 prompt tokens each
     prefill      8 requests of 1024 prompt tokens: one 8192-token prefill step
     mixed        192 requests decoding (256 prompt tokens), then 8 prompts of 1024 arrive:
-                 one step of 192 decode rows + 8000 prefill tokens (the flat path)
+                 one step of 192 decode rows + 8000 prefill tokens (above the largest CUDA
+                 graph: eager, unpadded, unless --max-graph-tokens 8192)
     mixed-small  253 requests decoding (256 prompt tokens), then 1 prompt of 300 arrives:
                  the common mixed step of a ShareGPT run (3 steps: the first two warm up)
 
@@ -17,6 +18,7 @@ For each: GPU kernel time per step (sum of kernels) beside the step's wall time,
 kernels that take most of it.
 
     python benchmarks/profile_steps.py [--workloads decode-1,prefill] [--top 12]
+        [--max-graph-tokens 8192]   # capture mixed-step graphs up to 8192 tokens (default 2048)
 """
 
 from __future__ import annotations
@@ -103,13 +105,23 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--max-graph-tokens", type=int, default=None,
+                    help="largest mixed step run as a CUDA graph (worker/cuda_graph.py)")
     args = ap.parse_args()
+    import logging
+
     from pagedllm import LLM
+    from pagedllm.worker import cuda_graph
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # memory and capture lines
+    if args.max_graph_tokens is not None:
+        cuda_graph.MAX_GRAPH_TOKENS = args.max_graph_tokens
 
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
               enforce_eager=args.enforce_eager)
     print(f"# {gpu_utils.device_line()}; "
-          f"{'eager' if args.enforce_eager else 'CUDA graphs'}")
+          f"{'eager' if args.enforce_eager else 'CUDA graphs'} up to "
+          f"{cuda_graph.MAX_GRAPH_TOKENS} tokens")
     for name in args.workloads.split(","):
         profile(llm.llm_engine, name, args.top, args.seed)
 

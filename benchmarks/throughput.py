@@ -119,6 +119,8 @@ def main() -> None:
     gpu.add_argument("--max-model-len", type=int, default=None)
     gpu.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     gpu.add_argument("--enforce-eager", action="store_true")
+    gpu.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                     help="plan step N+1 while step N runs (default: the engine's, on for CUDA)")
     gpu.add_argument("--no-detokenize", action="store_true")
     gpu.add_argument("--repeat", type=int, default=1, help="timed runs; the last is reported")
     args = ap.parse_args()

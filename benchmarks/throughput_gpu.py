@@ -110,7 +110,7 @@ def _triton_cache_entries() -> int:
 
 def release(llm) -> None:
     runner = llm.llm_engine.runner
-    runner.decode_runner = runner.cache_engine = runner.model = None
+    runner.graph_runner = runner.cache_engine = runner.model = None
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -128,7 +128,8 @@ def main_gpu(args) -> None:
 
     engine_kwargs = dict(max_num_seqs=args.max_num_seqs,
                          gpu_memory_utilization=args.gpu_memory_utilization,
-                         enforce_eager=args.enforce_eager)
+                         enforce_eager=args.enforce_eager,
+                         async_scheduling=args.async_scheduling)
     for key in ("max_num_batched_tokens", "max_model_len"):
         if getattr(args, key) is not None:
             engine_kwargs[key] = getattr(args, key)
@@ -168,7 +169,9 @@ def main_gpu(args) -> None:
           f"tokens, greedy, EOS ignored, detokenize {detok}")
     print(f"# pagedllm: max_num_seqs {sc.max_num_seqs}, max_num_batched_tokens "
           f"{sc.max_num_batched_tokens}, max_model_len {sc.max_model_len}, "
-          f"{'eager' if engine_config.enforce_eager else 'CUDA graphs'}, {num_blocks} KV blocks "
+          f"{'eager' if engine_config.enforce_eager else 'CUDA graphs'}, "
+          f"{'async' if engine_config.async_scheduling else 'synchronous'} scheduling, "
+          f"{num_blocks} KV blocks "
           f"(gpu_memory_utilization {engine_config.cache.gpu_memory_utilization}); "
           f"start-up {startup:.1f} s")
     print(f"# Triton kernels compiled during the timed runs: {compiled}")

@@ -97,3 +97,7 @@ class EngineConfig:
     parallel: ParallelConfig
     device: str  # cpu | cuda
     enforce_eager: bool = False
+    # Plan step N+1 while step N runs on the device (engine/llm_engine.py). On by default on
+    # CUDA, where it hides the host's work; a CPU computes synchronously, so there it only
+    # exercises the same bookkeeping (tests turn it on).
+    async_scheduling: bool = False

@@ -15,6 +15,15 @@ from enum import IntEnum
 _GREEDY_EPS = 1e-5
 
 
+class RequestOutputKind(IntEnum):
+    """Which RequestOutputs a request gets (vLLM's names): CUMULATIVE, one per step with
+    everything so far (streaming); FINAL_ONLY, just the finished one (offline generate, which
+    then skips building per-step outputs)."""
+
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
+
+
 class SamplingType(IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -56,6 +65,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         # Normalize first so validation sees one spelling of each value.
@@ -137,6 +147,11 @@ class SamplingParams:
             self.detokenize or not self.stop,
             "stop strings need detokenize=True (they are matched on the decoded text)",
         )
+        _check(
+            self.output_kind in tuple(RequestOutputKind),
+            f"output_kind must be one of {[k.name for k in RequestOutputKind]}, "
+            f"got {self.output_kind!r}",
+        )
 
     @property
     def is_greedy(self) -> bool:
@@ -147,6 +162,13 @@ class SamplingParams:
         if self.is_greedy:
             return SamplingType.GREEDY
         return SamplingType.RANDOM if self.seed is None else SamplingType.RANDOM_SEED
+
+    @property
+    def needs_sync_steps(self) -> bool:
+        """Penalties read every output token and logprobs are read back with the tokens: such
+        requests run without async scheduling (see LLMEngine.step)."""
+        return (self.has_penalties or self.logprobs is not None
+                or self.prompt_logprobs is not None)
 
     @property
     def has_penalties(self) -> bool:

@@ -46,10 +46,11 @@ class BlockManager:
         return [b.block_id for b in self.block_tables.get(seq_id, ())]
 
     def block_hashes(self, seq: Sequence) -> list[BlockHash]:
-        """Chained hashes of the sequence's full blocks, extended lazily as tokens arrive."""
+        """Chained hashes of the sequence's full blocks, extended lazily as tokens arrive
+        (a block holding an output placeholder waits until its value is known)."""
         hashes = seq.block_hashes
         bs = self.block_size
-        while len(hashes) < seq.num_tokens // bs:
+        while len(hashes) < seq.num_known_tokens // bs:
             i = len(hashes)
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens))

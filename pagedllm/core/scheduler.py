@@ -64,6 +64,7 @@ class Scheduler:
         self.num_swapped_in_blocks = 0
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
+        self._finished_off_running = False
 
     # ---- queue management ----------------------------------------------------------------
     def _key(self, group: SequenceGroup) -> tuple:
@@ -91,13 +92,23 @@ class Scheduler:
     def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
         """Mark a sequence finished and free its blocks at once."""
         assert status.is_finished
+        if seq.status is not SequenceStatus.RUNNING:
+            self._finished_off_running = True  # remove_finished must look at every queue
         seq.status = status
         self.block_manager.free(seq)
 
     def remove_finished(self) -> list[SequenceGroup]:
-        done = [g for g in self.running if g.is_finished]
-        if done:
-            self.running = [g for g in self.running if not g.is_finished]
+        """Drop finished groups from every queue. With async scheduling a group can finish
+        after this step preempted it (its last token arrives late), so not only running."""
+        done = []
+        names = ("running", "waiting", "swapped") if self._finished_off_running else ("running",)
+        self._finished_off_running = False
+        for name in names:
+            queue = getattr(self, name)
+            finished = [g for g in queue if g.is_finished]
+            if finished:
+                setattr(self, name, [g for g in queue if not g.is_finished])
+                done.extend(finished)
         return done
 
     # ---- the step --------------------------------------------------------------------------

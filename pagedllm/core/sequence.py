@@ -35,17 +35,29 @@ _FINISH_REASON = {
 }
 
 
+PLACEHOLDER_TOKEN_ID = -1
+
+
 class Sequence:
     """One token stream. KV for token_ids[:num_computed_tokens] is in the cache.
 
     A step feeds token_ids[num_computed_tokens : num_computed_tokens + n]; when that reaches the
     end of token_ids the model's last logits yield the next token. Preemption by recompute
     resets num_computed_tokens to 0 (prompt and outputs are re-fed as one prefill).
+
+    Async scheduling plans step N+1 while step N still runs on the device, so a sequence may
+    end in output placeholders: tokens that were sampled on the device but not yet read back.
+    They count as tokens for scheduling (the next step feeds them from device memory) and are
+    resolved, in order, when their step's results arrive:
+
+        token_ids  [ prompt ... | outputs read back ... | PH (step N) | PH (step N+1) ]
+                                                          ^ resolved next
     """
 
     __slots__ = (
         "seq_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "status",
         "block_hashes", "cumulative_logprob", "logprobs", "stop_reason", "data",
+        "num_output_placeholders",
     )
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int]) -> None:
@@ -59,6 +71,7 @@ class Sequence:
         self.logprobs: list[Any] = []
         self.stop_reason: int | str | None = None
         self.data: Any = None  # engine-side state (detokenizer, generator); opaque here
+        self.num_output_placeholders = 0  # trailing tokens still on the device (see above)
 
     @property
     def num_tokens(self) -> int:
@@ -66,11 +79,17 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens so far, placeholders included (what the next sample comes after)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values are on the host (everything but the placeholders)."""
+        return len(self.token_ids) - self.num_output_placeholders
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:self.num_known_tokens]
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -87,13 +106,33 @@ class Sequence:
         child.num_computed_tokens = self.num_computed_tokens
         child.status = self.status
         child.block_hashes = list(self.block_hashes)
+        child.num_output_placeholders = self.num_output_placeholders
         child.cumulative_logprob = self.cumulative_logprob
         child.logprobs = list(self.logprobs)
         return child
 
     def append_token(self, token_id: int, logprob: float = 0.0) -> None:
+        assert not self.num_output_placeholders, "resolve the placeholders first"
         self.token_ids.append(token_id)
         self.cumulative_logprob += logprob
+
+    def append_placeholder(self) -> None:
+        self.token_ids.append(PLACEHOLDER_TOKEN_ID)
+        self.num_output_placeholders += 1
+
+    def resolve_placeholder(self, token_id: int, logprob: float = 0.0) -> None:
+        """The oldest placeholder's value has arrived."""
+        assert self.num_output_placeholders > 0
+        i = len(self.token_ids) - self.num_output_placeholders
+        self.token_ids[i] = token_id
+        self.num_output_placeholders -= 1
+        self.cumulative_logprob += logprob
+
+    def drop_placeholders(self) -> None:
+        """A finished sequence forgets the tokens a later step sampled after its end."""
+        if self.num_output_placeholders:
+            del self.token_ids[-self.num_output_placeholders:]
+            self.num_output_placeholders = 0
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, "

@@ -35,6 +35,7 @@ class EngineArgs:
     device: str = "auto"
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    async_scheduling: bool | None = None  # None: on for CUDA, off for CPU
 
     def create_engine_config(self) -> EngineConfig:
         from pagedllm.loader import default_model_path, load_model_config
@@ -83,6 +84,8 @@ class EngineArgs:
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             device=device,
             enforce_eager=self.enforce_eager,
+            async_scheduling=(device == "cuda" if self.async_scheduling is None
+                              else self.async_scheduling),
         )
 
     # ---- CLI ---------------------------------------------------------------------------------
@@ -113,6 +116,9 @@ class EngineArgs:
                             choices=("fcfs", "priority"))
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         parser.add_argument("--enforce-eager", action="store_true")
+        parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                            default=None, help="plan the next step while the device runs this "
+                            "one (default: on for CUDA)")
         return parser
 
     @classmethod

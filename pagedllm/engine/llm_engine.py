@@ -11,15 +11,16 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.block_manager import BlockManager
-from pagedllm.core.scheduler import ScheduledSeq, Scheduler
+from pagedllm.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from pagedllm.core.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.engine.beam_search import BeamState
+from pagedllm.engine.beam_search import BeamSearchMixin, BeamState
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.output_processor import convert_logprobs, make_output
 from pagedllm.layers.sampler import SamplingMetadata, TokenLogprobs
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.sampling_params import BeamSearchParams, SamplingParams
-from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger("pagedllm")
 
@@ -45,7 +46,16 @@ class RequestState:
     beam: BeamState | None = None  # set for beam-search requests
 
 
-class LLMEngine:
+@dataclass(slots=True)
+class InflightStep:
+    """A launched step whose sampled tokens have not been read back yet (async scheduling)."""
+
+    out: SchedulerOutput
+    rows: list[tuple[int, Sequence]]
+    handle: StepHandle
+
+
+class LLMEngine(BeamSearchMixin):
     def __init__(self, config: EngineConfig, tokenizer) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -65,6 +75,8 @@ class LLMEngine:
         self.stats = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
                       "num_requests_finished_total": 0, "num_requests_failed_total": 0}
         self._last_log = (time.monotonic(), 0, 0)
+        self._inflight: InflightStep | None = None
+        self._num_sync_groups = 0  # live requests that need synchronous steps
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s, %d CPU swap blocks",
             num_blocks, cc.block_size, num_blocks * cc.block_size,
@@ -105,6 +117,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             group.data.prompt_logprobs = [None]  # the first token has no logprob
         self.groups[request_id] = group
+        self._num_sync_groups += self._needs_sync(group)
         self.scheduler.add(group)
 
     def prompt_ids(self, prompt: str | None, prompt_token_ids=None) -> list[int]:
@@ -133,56 +146,140 @@ class LLMEngine:
             gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + seed_offset)
         return SeqState(IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params), gen)
 
+    @staticmethod
+    def _needs_sync(group: SequenceGroup) -> int:
+        return int(group.params.needs_sync_steps)
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks (unknown or finished ids are ignored)."""
         group = self.scheduler.abort(request_id)
-        if group is not None:
-            self.groups.pop(request_id, None)
+        if group is not None and self.groups.pop(request_id, None) is not None:
+            self._num_sync_groups -= self._needs_sync(group)
+            for seq in group.seqs:
+                seq.drop_placeholders()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.groups)
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, run, process; returns outputs of the requests that changed.
+
+        With async scheduling the device never waits for the host: each call plans and
+        launches step N+1 first, then reads back and processes step N (launched by the call
+        before), whose sampled tokens N+1 takes straight from device memory:
+
+            call k     schedule N+1 | launch N+1 | wait for N, process N  -> outputs of N
+            device     ...... N .............|...... N+1 ........................
+
+        A sequence that finishes in N (EOS, stop string) has one wasted row in N+1, dropped.
+        Requests that must see every token on the host before the next step is planned (beam
+        search, penalties, logprobs) switch the engine to synchronous steps while they live.
+        """
+        if self.config.async_scheduling and not self._num_sync_groups:
+            return self._step_async()
+        if self._inflight is not None:
+            return self._drain()
+        return self._step_sync()
+
+    def _schedule(self) -> tuple[SchedulerOutput, list, list, SamplingMetadata | None]:
         out = self.scheduler.schedule()
         outputs = [self._fail(group, reason) for group, reason in out.rejected]
         rows = self._sample_rows(out.scheduled)  # (entry index, sequence) per sampler row
         sampling = self._sampling_metadata(out.scheduled, rows) if rows else None
+        return out, outputs, rows, sampling
+
+    def _step_sync(self) -> list[RequestOutput]:
+        out, outputs, rows, sampling = self._schedule()
         want_plp = {e.seq.seq_id: e.group.params.prompt_logprobs for e in out.scheduled
                     if e.group.data.prompt_logprobs is not None
                     and e.seq.num_computed_tokens < e.seq.num_prompt_tokens - 1}
         result, prompt_rows = self.runner.execute(out, sampling, want_plp,
                                                   sample_from=[i for i, _ in rows])
         self.scheduler.update_from_output(out)
-
-        touched: dict[str, SequenceGroup] = {}
         for e in out.scheduled:
             if e.seq.seq_id in prompt_rows:
                 self._store_prompt_logprobs(e, *prompt_rows[e.seq.seq_id])
+        if result is None:
+            return outputs + self._process(out, rows, [], None)
+        return outputs + self._process(out, rows, result.sampled_token_ids, result.logprobs)
+
+    def _step_async(self) -> list[RequestOutput]:
+        out, outputs, rows, sampling = self._schedule()
+        prev, self._inflight = self._inflight, None
+        if out.scheduled:
+            handle = self.runner.launch(out, sampling, [i for i, _ in rows],
+                                        self._inputs_from_device(out, prev))
+            for i, seq in rows:
+                if not self._samples_last_token(out.scheduled[i].group, seq):
+                    seq.append_placeholder()  # the next step feeds it from the device
+            self._inflight = InflightStep(out, rows, handle)
+        if prev is not None:
+            outputs += self._process(prev.out, prev.rows, self.runner.collect(prev.handle), None)
+        # After N's tokens are resolved: the blocks this publishes hold no placeholder.
+        self.scheduler.update_from_output(out)
+        return outputs
+
+    def _drain(self) -> list[RequestOutput]:
+        prev, self._inflight = self._inflight, None
+        return self._process(prev.out, prev.rows, self.runner.collect(prev.handle), None)
+
+    @staticmethod
+    def _inputs_from_device(out: SchedulerOutput, prev: InflightStep | None
+                            ) -> list[tuple[int, int, int]]:
+        """(entry, offset in its chunk, sampler row of the previous step) for every input
+        token of this step that is still a placeholder."""
+        if prev is None:
+            return []
+        row_of = {seq.seq_id: r for r, (_, seq) in enumerate(prev.rows)}
+        found = []
+        for i, e in enumerate(out.scheduled):
+            seq = e.seq
+            if seq.num_output_placeholders:
+                offset = seq.num_known_tokens - seq.num_computed_tokens
+                if offset < e.num_new_tokens:
+                    assert seq.num_output_placeholders == 1 and offset == e.num_new_tokens - 1
+                    found.append((i, offset, row_of[seq.seq_id]))
+        return found
+
+    def _samples_last_token(self, group: SequenceGroup, seq: Sequence) -> bool:
+        """Whether the token sampled now is the sequence's last by length (so no later step
+        needs it as input, and the scheduler must not plan one)."""
+        return (seq.num_output_tokens + 1 >= group.max_tokens
+                or seq.num_tokens + 1 >= self.max_model_len)
+
+    def _process(self, out: SchedulerOutput, rows: list[tuple[int, Sequence]],
+                 tokens: list[int], logprobs: list | None) -> list[RequestOutput]:
+        """Append each row's token, run stop checks and build the outputs of this step."""
+        touched: dict[str, SequenceGroup] = {}
         now = time.monotonic()
         beam_groups = {}
         for r, (i, seq) in enumerate(rows):
+            if seq.is_finished:  # aborted while its step ran, or ended by an earlier step
+                continue
             group = out.scheduled[i].group
-            lp = result.logprobs[r] if result.logprobs else None
+            lp = logprobs[r] if logprobs else None
             if group.data.beam is not None:  # beams pick their tokens together, below
                 group.data.beam.pending[seq.seq_id] = lp.top_logprobs
                 beam_groups[group.request_id] = group
                 continue
-            self._append_token(group, seq, result.sampled_token_ids[r], lp, now)
+            self._append_token(group, seq, tokens[r], lp, now)
             touched[group.request_id] = group
         for group in beam_groups.values():
             if self._beam_step(group, now):
                 touched[group.request_id] = group
         for group in self.scheduler.remove_finished():
             touched[group.request_id] = group
+        outputs = []
         for group in touched.values():
-            outputs.append(self._make_output(group))
-            if group.is_finished:
-                self.groups.pop(group.request_id, None)
+            if group.is_finished or group.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                outputs.append(make_output(group, self.tokenizer))
+            if group.is_finished and self.groups.pop(group.request_id, None) is not None:
                 self.stats["num_requests_finished_total"] += 1
+                self._num_sync_groups -= self._needs_sync(group)
         self._maybe_log(now)
         return outputs
 
@@ -245,128 +342,44 @@ class LLMEngine:
             self.stats["prompt_tokens_total"] += seq.num_prompt_tokens
         state.last_token_time = now
         self.stats["generation_tokens_total"] += 1
-        seq.append_token(token, lp.logprob if lp is not None else 0.0)
+        if seq.num_output_placeholders:
+            seq.resolve_placeholder(token, lp.logprob if lp is not None else 0.0)
+        else:
+            seq.append_token(token, lp.logprob if lp is not None else 0.0)
         if lp is not None:
-            seq.logprobs.append(self._convert_logprobs(lp))
+            seq.logprobs.append(convert_logprobs(self.tokenizer, lp))
         stop_str = seq.data.detokenizer.append([token])
+        num_known = seq.num_known_tokens  # a later step's placeholder may follow this token
         status = None
         if stop_str is not None:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
-        elif seq.num_output_tokens >= params.min_tokens:
+        elif num_known - seq.num_prompt_tokens >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
                 status = SequenceStatus.FINISHED_STOPPED
             elif token in (params.stop_token_ids or ()):
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
-        if status is None and (seq.num_output_tokens >= group.max_tokens
-                               or seq.num_tokens >= self.max_model_len):
+        if status is None and (num_known - seq.num_prompt_tokens >= group.max_tokens
+                               or num_known >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
+            seq.drop_placeholders()
             seq.data.detokenizer.finish()
             self.scheduler.finish_seq(seq, status)
-
-    # ---- beam search -------------------------------------------------------------------------
-    def add_beam_search_request(
-        self, request_id: str, prompt: str | None, params: BeamSearchParams,
-        prompt_token_ids: list[int] | None = None,
-    ) -> None:
-        """Queue a beam search: one group whose sequences are the live beams."""
-        if not isinstance(params, BeamSearchParams):
-            raise ValueError(f"expected BeamSearchParams, got {type(params).__name__}")
-        ids = self.prompt_ids(prompt, prompt_token_ids)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
-        eos = set() if params.ignore_eos else set(self.eos_token_ids)
-        state = BeamState(params.beam_width, max_tokens, params.length_penalty, eos)
-        # The sampler only has to return each beam's top-K raw logprobs; the beam step picks.
-        inner = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                               logprobs=state.num_candidates, detokenize=False)
-        self.add_request(request_id, prompt, inner, ids)
-        self.groups[request_id].data.beam = state
-
-    def _beam_step(self, group: SequenceGroup, now: float) -> bool:
-        """Run a beam step once every live beam has new logits; True if the group changed."""
-        state: BeamState = group.data.beam
-        beams = group.live_seqs()
-        if any(b.seq_id not in state.pending for b in beams):
-            return False
-        if group.data.first_token_time is None:
-            group.data.first_token_time = now
-            self.stats["prompt_tokens_total"] += beams[0].num_prompt_tokens
-        decision = state.step(beams)
-        for beam in decision.drop:  # dropped beams free their blocks at once
-            self.scheduler.finish_seq(beam, SequenceStatus.FINISHED_STOPPED)
-        children: dict[int, list[tuple[int, float]]] = {}
-        for parent, token, score in decision.extend:
-            children.setdefault(id(parent), []).append((token, score))
-        for parent in {id(p): p for p, _, _ in decision.extend}.values():
-            picks = children[id(parent)]
-            # Fork before the parent's own token is appended: the children share its blocks.
-            targets = [parent] + [self._fork_seq(group, parent) for _ in picks[1:]]
-            for seq, (token, score) in zip(targets, picks):
-                seq.token_ids.append(token)
-                seq.cumulative_logprob = score
-        self.stats["generation_tokens_total"] += len(decision.extend)
-        # Finished beams live on only as hypotheses (one is kept: it holds the prompt).
-        group.seqs = group.live_seqs() or group.seqs[:1]
-        group.data.last_token_time = now
-        return True
-
-    def _beam_output(self, group: SequenceGroup) -> list[CompletionOutput]:
-        if not group.is_finished:
-            return []
-        return [
-            CompletionOutput(
-                index=i, text=self.tokenizer.decode(h.token_ids, skip_special_tokens=True),
-                token_ids=h.token_ids, cumulative_logprob=h.cum_logprob, logprobs=None,
-                finish_reason="stop" if h.ended_on_eos else "length")
-            for i, h in enumerate(group.data.beam.results())
-        ]
-
-    def _convert_logprobs(self, lp: TokenLogprobs) -> dict[int, Logprob]:
-        entry = {tid: Logprob(v, rank=r + 1) for r, (tid, v) in enumerate(lp.top_logprobs.items())}
-        entry[lp.token_id] = Logprob(lp.logprob, rank=lp.rank)
-        for tid, logprob in entry.items():
-            logprob.decoded_token = self.tokenizer.decode([tid])
-        return entry
 
     def _store_prompt_logprobs(self, e: ScheduledSeq, start: int, rows: list) -> None:
         target = e.group.data.prompt_logprobs
         for j, row in enumerate(rows):
             if start + 1 + j < len(target):
                 continue  # already stored (a prefill recomputed after preemption)
-            target.append(self._convert_logprobs(row))
+            target.append(convert_logprobs(self.tokenizer, row))
 
     def _fail(self, group: SequenceGroup, reason: str) -> RequestOutput:
         logger.error(reason)
         group.data.error = reason
-        self.groups.pop(group.request_id, None)
+        if self.groups.pop(group.request_id, None) is not None:
+            self._num_sync_groups -= self._needs_sync(group)
         self.stats["num_requests_failed_total"] += 1
-        return self._make_output(group)
-
-    def _make_output(self, group: SequenceGroup) -> RequestOutput:
-        params = group.params
-        want_lp = params.logprobs is not None
-        outs = self._beam_output(group) if group.data.beam is not None else [
-            CompletionOutput(
-                index=i,
-                text=seq.data.detokenizer.output_text,
-                token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob if want_lp else None,
-                logprobs=list(seq.logprobs) if want_lp else None,
-                finish_reason=seq.status.finish_reason,
-                stop_reason=seq.stop_reason,
-                delta_text=seq.data.detokenizer.get_delta(seq.is_finished),
-            )
-            for i, seq in enumerate(group.seqs)
-        ]
-        return RequestOutput(
-            request_id=group.request_id, prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=group.is_finished,
-            prompt_logprobs=group.data.prompt_logprobs, error=group.data.error,
-            num_cached_tokens=group.num_cached_tokens,
-            metrics={"arrival_time": group.arrival_time,
-                     "first_token_time": group.data.first_token_time,
-                     "last_token_time": group.data.last_token_time},
-        )
+        return make_output(group, self.tokenizer)
 
     # ---- metrics -------------------------------------------------------------------------------
     def get_metrics(self) -> dict:

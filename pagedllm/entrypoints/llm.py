@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence as SequenceABC
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
-from pagedllm.sampling_params import BeamSearchParams, SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 PromptType = str | dict[str, Any]
 
@@ -54,6 +55,11 @@ class LLM:
                              "prompts; pass one, or one per prompt")
         engine = self.llm_engine
         ids = []
+        # Offline runs read only the finished outputs: the engine then builds no per-step ones.
+        sampling_params = [
+            p if not isinstance(p, SamplingParams) or p.output_kind == RequestOutputKind.FINAL_ONLY
+            else dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+            for p in sampling_params]
         try:
             for prompt, params in zip(prompts, sampling_params):
                 text, token_ids = self._parse_prompt(prompt)

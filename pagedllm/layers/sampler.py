@@ -87,15 +87,15 @@ class SamplingMetadata:
         all_greedy, all_random = all(greedy), not any(greedy)
 
         def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return _to_device(values, torch.float32, device)
 
         temperature = greedy_mask = top_k = top_p = min_p = None
         if not all_greedy:
             temperature = f32([1.0 if g else p.temperature for p, g in zip(params, greedy)])
             if not all_random:
-                greedy_mask = torch.tensor(greedy, dtype=torch.bool, device=device)
+                greedy_mask = _to_device(greedy, torch.bool, device)
             if any(p.top_k > 0 for p in params):
-                top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
+                top_k = _to_device([p.top_k for p in params], torch.int64, device)
             if any(p.top_p < 1.0 for p in params):
                 top_p = f32([p.top_p for p in params])
             if any(p.min_p > 0.0 for p in params):
@@ -105,7 +105,7 @@ class SamplingMetadata:
         penalty_rows = rep = presence = frequency = prompt_ids = output_ids = None
         rows = [i for i, p in enumerate(params) if p.has_penalties]
         if rows:
-            penalty_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+            penalty_rows = _to_device(rows, torch.int64, device)
             rep = f32([params[i].repetition_penalty for i in rows])
             presence = f32([params[i].presence_penalty for i in rows])
             frequency = f32([params[i].frequency_penalty for i in rows])
@@ -117,8 +117,8 @@ class SamplingMetadata:
         if banned_token_ids is not None and any(banned_token_ids):
             flat_rows = [i for i, ids in enumerate(banned_token_ids) for _ in ids]
             flat_ids = [t for ids in banned_token_ids for t in ids]
-            banned_rows = torch.tensor(flat_rows, dtype=torch.int64, device=device)
-            banned_ids = torch.tensor(flat_ids, dtype=torch.int64, device=device)
+            banned_rows = _to_device(flat_rows, torch.int64, device)
+            banned_ids = _to_device(flat_ids, torch.int64, device)
 
         num_logprobs = [p.logprobs for p in params]
         max_num_logprobs = max((k for k in num_logprobs if k is not None), default=None)
@@ -150,6 +150,16 @@ class Sampler(nn.Module):
     """``forward(logits [N, V], meta) -> SamplerOutput``. Never modifies ``logits`` in place."""
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        sampled, raw_logprobs = self.sample(logits, meta)
+        token_ids = sampled.tolist()
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids, [None] * meta.num_rows)
+        return SamplerOutput(token_ids, _gather_logprobs(raw_logprobs, sampled, meta.num_logprobs))
+
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The device side: sampled ids [N] and, if a row asked, raw logprobs [N, V]. Nothing
+        here waits for the device, so an async step can queue the next step behind it."""
         assert logits.dim() == 2 and logits.shape[0] == meta.num_rows, logits.shape
         logits = logits.float()
         raw_logprobs = None
@@ -166,11 +176,7 @@ class Sampler(nn.Module):
             sampled = random_sample(self.compute_probs(logits, meta), meta)
             if not meta.all_random:
                 sampled = torch.where(meta.greedy_mask, logits.argmax(dim=-1), sampled)
-
-        token_ids = sampled.tolist()
-        if raw_logprobs is None:
-            return SamplerOutput(token_ids, [None] * meta.num_rows)
-        return SamplerOutput(token_ids, _gather_logprobs(raw_logprobs, sampled, meta.num_logprobs))
+        return sampled, raw_logprobs
 
     @staticmethod
     def compute_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -310,10 +316,19 @@ def _gather_logprobs(
     return out
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list as a device tensor without a stream sync (torch.tensor(..., device=cuda)
+    waits for the device, which would stall async scheduling behind the step in flight)."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _pad(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     padded = [r + [-1] * (width - len(r)) for r in rows]
-    return torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(rows), width)
+    return _to_device(padded, torch.int64, device).reshape(len(rows), width)
 
 
 def _count_tokens(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -5,9 +5,9 @@
     query_start_loc [0, 3, 4, 5]                  seq_lens  [8, 10, 3]
     slot_mapping    one cache slot per token       logits_indices [2, 3, 4] (last of each)
 
-On CUDA, steps where every sequence has one new token go through worker/cuda_graph.py instead
-(static buffers padded to a captured batch size, replayed as a CUDA graph); the CPU path is the
-flat batch above, unchanged.
+On CUDA, steps go through worker/cuda_graph.py instead: the same flat layout in static buffers,
+padded to a captured shape (decode batch size, or token bucket for prefill and mixed steps) and
+replayed as a CUDA graph; the CPU path is the flat batch above, unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.loader import initialize_dummy_weights, iter_weights
 from pagedllm.models.registry import get_model_class
 from pagedllm.worker.cache_engine import CacheEngine, kv_block_bytes
-from pagedllm.worker.cuda_graph import DecodeRunner
+from pagedllm.worker.cuda_graph import CudaGraphRunner, token_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,16 @@ class StepTimer:
 
 
 @dataclass(slots=True)
+class StepHandle:
+    """A launched step's sampled ids: a list already (CPU), or a pinned host copy in flight
+    that is complete once `ready` has passed."""
+
+    token_ids: list[int] | None
+    host: torch.Tensor | None
+    ready: torch.cuda.Event | None
+
+
+@dataclass(slots=True)
 class ModelInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -86,8 +96,9 @@ class ModelRunner:
         self.model = self._load_model()
         self.sampler = Sampler()
         self.cache_engine: CacheEngine | None = None
-        self.decode_runner: DecodeRunner | None = None  # CUDA only; set up by init_cache
+        self.graph_runner: CudaGraphRunner | None = None  # CUDA only; set up by init_cache
         self.step_timer: StepTimer | None = None  # CUDA only: set one to measure GPU busy time
+        self._last_sampled: torch.Tensor | None = None  # the last launched step's ids [N]
 
     # ---- start-up --------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -131,8 +142,10 @@ class ModelRunner:
           total * gpu_memory_utilization
             = weights + peak activations (largest prefill + sampler over max_num_seqs rows)
               + memory of others (CUDA context, other processes) + KV cache
-        CUDA graphs are captured afterwards; their pool (tens of MiB) comes out of the headroom
-        that gpu_memory_utilization leaves, and is logged.
+              + the CUDA graphs' pool
+        The graphs are captured afterwards; their pool holds one forward pass of the largest
+        graph (<= 2048 tokens) for good, beside what eager steps and the sampler allocate, so it
+        is measured here the same way, with one more forward pass, and set aside.
         """
         sc = self.config.scheduler
         num_tokens = sc.max_num_batched_tokens
@@ -147,20 +160,30 @@ class ModelRunner:
         self._dummy_forward(num_seqs, seq_len, num_sampled=min(sc.max_num_seqs, num_tokens))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - scratch_blocks * self.block_bytes()
+        graph_pool = 0
+        if not self.config.enforce_eager:
+            graph_tokens = token_buckets(num_tokens)[-1]
+            graph_len = min(sc.max_model_len, graph_tokens)
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self._dummy_forward(graph_tokens // graph_len, graph_len, num_sampled=0)
+            torch.cuda.synchronize()
+            graph_pool = torch.cuda.max_memory_allocated() - base
         del scratch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         used_by_others = total - free - torch.cuda.memory_allocated()
         util = self.config.cache.gpu_memory_utilization
-        budget = total * util - peak - used_by_others
+        budget = total * util - peak - used_by_others - graph_pool
         num_blocks = int(budget // self.block_bytes())
         gib = 2**30
         logger.info(
             "GPU memory: %.1f GiB total x gpu_memory_utilization %.2f = %.1f GiB: weights %.2f, "
-            "activation peak %.2f, CUDA context and others %.2f, KV cache %.2f GiB "
-            "(%d blocks, %d tokens)", total / gib, util, total * util / gib, weights / gib,
-            (peak - weights) / gib, used_by_others / gib, max(num_blocks, 0) * self.block_bytes()
-            / gib, max(num_blocks, 0), max(num_blocks, 0) * self.block_size)
+            "activation peak %.2f, CUDA graph pool %.2f, CUDA context and others %.2f, KV cache "
+            "%.2f GiB (%d blocks, %d tokens)", total / gib, util, total * util / gib,
+            weights / gib, (peak - weights) / gib, graph_pool / gib, used_by_others / gib,
+            max(num_blocks, 0) * self.block_bytes() / gib, max(num_blocks, 0),
+            max(num_blocks, 0) * self.block_size)
         if num_blocks < 1:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache (peak {peak / gib:.1f} GiB of "
@@ -185,19 +208,20 @@ class ModelRunner:
         ids = torch.zeros(T, dtype=torch.int64, device=self.device)
         with forward_context(meta):
             hidden = self.model(ids, pos)
-        # The sampler's worst case: fp32 logits and logprobs for a full batch of rows.
-        logits = self.model.compute_logits(hidden[-num_sampled:]).float()
-        torch.log_softmax(logits, dim=-1).argmax(dim=-1)
+        if num_sampled:  # the sampler's worst case: fp32 logits and logprobs for a full batch
+            logits = self.model.compute_logits(hidden[-num_sampled:]).float()
+            torch.log_softmax(logits, dim=-1).argmax(dim=-1)
 
     def init_cache(self, num_blocks: int, num_cpu_blocks: int) -> None:
         self.cache_engine = CacheEngine(self.model, num_blocks, num_cpu_blocks, self.block_size,
                                         self.device, self.dtype)
         if self.device.type == "cuda":
             sc = self.config.scheduler
-            self.decode_runner = DecodeRunner(self.model, sc.max_num_seqs, sc.max_model_len,
-                                              self.block_size, self.device)
+            self.graph_runner = CudaGraphRunner(
+                self.model, sc.max_num_seqs, sc.max_num_batched_tokens, sc.max_model_len,
+                self.block_size, self.device)
             if not self.config.enforce_eager:
-                self.decode_runner.capture()
+                self.graph_runner.capture()
 
     # ---- one step --------------------------------------------------------------------------
     def prepare_inputs(self, out: SchedulerOutput, sample_from: list[int] | None = None
@@ -240,7 +264,8 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
             positions=tensor(np.concatenate(positions), torch.int64),
             attn_meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64).to(dev),
+            logits_indices=torch.tensor(logits_indices, dtype=torch.int64).to(
+                dev, non_blocking=True),
         )
 
     @torch.inference_mode()
@@ -259,39 +284,101 @@ class ModelRunner:
         prompt_logprobs: seq_id -> k for sequences whose prompt logprobs are wanted; the result
         maps seq_id -> (first position, per-position rows from compute_prompt_logprobs).
         """
-        self.cache_engine.execute_plan(out.blocks_to_swap_out, out.blocks_to_swap_in,
-                                       out.blocks_to_copy)
-        if not out.scheduled:
+        hidden, sampled = self._forward(out, sample_from, [])
+        if hidden is None:
             return None, {}
-        timer = self.step_timer
-        decode = self.decode_runner
-        if decode is not None and decode.can_run(len(out.scheduled)) and all(
-                e.num_new_tokens == 1 for e in out.scheduled):
-            n, short = decode.prepare(out.scheduled)
-            if timer is not None:
-                timer.begin()
-            hidden = decode.run(n, short)  # [S, hidden], row i = scheduled[i]
-            rows = sample_from if sample_from is not None else [
-                i for i, e in enumerate(out.scheduled) if e.samples]
-            sampled = hidden if rows == list(range(n)) else hidden[rows]
-        else:
-            inputs = self.prepare_inputs(out, sample_from)
-            if timer is not None:
-                timer.begin()
-            with forward_context(inputs.attn_meta):
-                hidden = self.model(inputs.input_ids, inputs.positions)  # [T, hidden]
-            sampled = hidden[inputs.logits_indices]
         result = None
         if sampling is not None and sampling.num_rows:
             logits = self.model.compute_logits(sampled).float()
-            if timer is not None:
-                timer.end()  # before the sampler's sync; its few small kernels count as idle
+            if self.step_timer is not None:
+                self.step_timer.end()  # before the sampler's sync; its few small kernels idle
             result = self.sampler(logits, sampling)
-        elif timer is not None:
-            timer.end()
+        elif self.step_timer is not None:
+            self.step_timer.end()
         prompt_rows = self._prompt_logprobs(out, hidden, prompt_logprobs) if prompt_logprobs \
             else {}
         return result, prompt_rows
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, sampling: SamplingMetadata | None,
+               sample_from: list[int], from_device: list[tuple[int, int, int]]) -> StepHandle:
+        """execute() for async scheduling: queue the step and return without waiting for it.
+
+        from_device: (entry, offset in its chunk, row) for input tokens that are the previous
+        launched step's sampled row `row`; they are copied on the device, never read back.
+        The sampled ids start their copy to pinned host memory at once; collect() waits.
+        """
+        assert sampling is None or sampling.max_num_logprobs is None, "logprobs run in sync"
+        hidden, sampled = self._forward(out, sample_from, from_device)
+        if hidden is None or sampling is None or not sampling.num_rows:
+            if hidden is not None and self.step_timer is not None:
+                self.step_timer.end()
+            return StepHandle([], None, None)
+        logits = self.model.compute_logits(sampled).float()
+        if self.step_timer is not None:
+            self.step_timer.end()
+        token_ids, _ = self.sampler.sample(logits, sampling)
+        self._last_sampled = token_ids
+        if token_ids.device.type != "cuda":
+            return StepHandle(token_ids.tolist(), None, None)
+        host = token_ids.to("cpu", non_blocking=True)  # pinned: a true async copy
+        ready = torch.cuda.Event()
+        ready.record()
+        return StepHandle(None, host, ready)
+
+    @staticmethod
+    def collect(handle: StepHandle) -> list[int]:
+        """The sampled ids of a launched step (waits for that step only)."""
+        if handle.token_ids is None:
+            handle.ready.synchronize()
+            handle.token_ids = handle.host.tolist()
+        return handle.token_ids
+
+    def _forward(self, out: SchedulerOutput, sample_from: list[int] | None,
+                 from_device: list[tuple[int, int, int]]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Cache plans, inputs and the forward pass: (hidden states of every token, hidden
+        states of the sampler rows), or (None, None) for an empty step."""
+        self.cache_engine.execute_plan(out.blocks_to_swap_out, out.blocks_to_swap_in,
+                                       out.blocks_to_copy)
+        if not out.scheduled:
+            return None, None
+        timer = self.step_timer
+        graphs = self.graph_runner
+        if graphs is not None and graphs.can_run(out.scheduled):
+            step = graphs.prepare(out.scheduled, sample_from)
+            self._feed_sampled(step.input_ids, out, from_device)
+            if timer is not None:
+                timer.begin()
+            hidden = graphs.run(step)  # [padded T, hidden], real tokens first in flat order
+            sampled = hidden[:step.num_seqs] if step.logits_indices is None \
+                else hidden[step.logits_indices]
+            return hidden[:step.num_tokens], sampled
+        inputs = self.prepare_inputs(out, sample_from)
+        self._feed_sampled(inputs.input_ids, out, from_device)
+        if timer is not None:
+            timer.begin()
+        with forward_context(inputs.attn_meta):
+            hidden = self.model(inputs.input_ids, inputs.positions)  # [T, hidden]
+        return hidden, hidden[inputs.logits_indices]
+
+    def _feed_sampled(self, input_ids: torch.Tensor, out: SchedulerOutput,
+                      from_device: list[tuple[int, int, int]]) -> None:
+        """Copy the previous step's sampled ids into this step's input ids, on the device.
+        Every path lays the real tokens out flat, in scheduled order, from index 0."""
+        if not from_device:
+            return
+        starts, total = [], 0
+        for e in out.scheduled:
+            starts.append(total)
+            total += e.num_new_tokens
+        dst = [starts[i] + offset for i, offset, _ in from_device]
+        src = [row for _, _, row in from_device]
+        index = torch.tensor([dst, src], dtype=torch.int64)
+        if self.device.type == "cuda":
+            index = index.pin_memory()  # an async copy that does not wait for the step in flight
+        index = index.to(self.device, non_blocking=True)
+        input_ids.index_copy_(0, index[0], self._last_sampled.index_select(0, index[1]))
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, wanted: dict) -> dict:
         from pagedllm.layers.sampler import compute_prompt_logprobs

@@ -129,28 +129,92 @@ def test_greedy_parity_with_hf_in_bf16(tiny_llama, engine_kwargs):
     dict(num_gpu_blocks_override=40),  # too few blocks: preemption and recompute
 ], ids=["batched", "chunked", "preempted"])
 def test_cuda_graphs_and_eager_give_identical_tokens(tiny_llama, engine_kwargs):
-    from pagedllm.worker.cuda_graph import capture_sizes
+    """Graphs and eager run the same padded buffers: the same bits, so the same greedy tokens.
+    The third batch repeats prompts of the first (prefix-cache hits: chunks that start past
+    cached blocks) and arrives while nothing else runs; the second is one short prompt."""
+    from pagedllm.worker.cuda_graph import capture_sizes, token_buckets
 
     path, _ = tiny_llama
-    batches = [random_prompts([5 + 11 * i for i in range(13)], seed=2),
-               random_prompts([9], seed=3), random_prompts([20, 3, 64, 128, 17], seed=4)]
+    first = random_prompts([5 + 11 * i for i in range(13)], seed=2)
+    batches = [first, random_prompts([9], seed=3),
+               random_prompts([20, 3, 64, 128, 17], seed=4) + [p + [7, 8] for p in first[6:9]]]
     results = {}
     for eager in (False, True):
         llm = make_llm(path, enforce_eager=eager, **engine_kwargs)
-        runner = llm.llm_engine.runner.decode_runner
-        assert {size for size, _ in runner.graphs} == (set() if eager else set(capture_sizes(16)))
-        decode_steps = []
+        runner = llm.llm_engine.runner.graph_runner
+        shapes = set(runner.graph_shapes())
+        assert set(runner.graphs) == (set() if eager else shapes)
+        sc = llm.llm_engine.config.scheduler
+        assert {s.num_tokens for s in shapes if s.decode} == set(capture_sizes(16))
+        assert {s.num_tokens for s in shapes if not s.decode} == set(
+            token_buckets(sc.max_num_batched_tokens))
+        steps = []
         run = runner.run
-        runner.run = lambda n, short=False, _run=run, _steps=decode_steps: (
-            _steps.append(n) or _run(n, short))
+        runner.run = lambda step, _run=run, _steps=steps: _steps.append(step.shape) or _run(step)
         results[eager] = [[o.outputs[0].token_ids for o in generate(llm, b)] for b in batches]
-        assert len(decode_steps) >= MAX_TOKENS  # decode-only steps took this path
+        assert sum(s.decode for s in steps) >= MAX_TOKENS  # decode-only steps took this path
+        assert any(not s.decode for s in steps)  # and so did prefill and mixed steps
+        assert all(s in shapes for s in steps)  # every step had a captured shape
         if "num_gpu_blocks_override" in engine_kwargs:
             assert llm.get_metrics()["num_preemptions_total"] > 0
+        else:
+            assert llm.get_metrics()["prefix_cache_hits_total"] > 0
         llm.llm_engine.block_manager.check_integrity()
         del llm, runner
         free_gpu()
     assert results[False] == results[True]
+
+
+@pytest.mark.parametrize("engine_kwargs", [
+    dict(max_num_batched_tokens=64),  # chunked prefill: mixed steps fed from the device
+    dict(num_gpu_blocks_override=40),  # preemption while a step is in flight
+], ids=["chunked", "preempted"])
+def test_async_scheduling_gives_the_tokens_of_synchronous_steps(tiny_llama, engine_kwargs):
+    """Async steps take each decode input from the previous step's device tensor and read
+    tokens back through pinned memory one step late; the tokens must be those of synchronous
+    steps, including sequences that stop on a stop id (one wasted row each) and by length."""
+    from pagedllm import SamplingParams
+
+    path, _ = tiny_llama
+    prompts = random_prompts([5 + 11 * i for i in range(13)], seed=7)
+    stop_ids = list(range(3, VOCAB, 97))  # a random model hits some of these early
+    params = [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, stop_token_ids=stop_ids)
+              for i in range(len(prompts))]
+    results = {}
+    for async_scheduling in (False, True):
+        llm = make_llm(path, async_scheduling=async_scheduling, **engine_kwargs)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        results[async_scheduling] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                                     for o in outs]
+        if "num_gpu_blocks_override" in engine_kwargs:
+            assert llm.get_metrics()["num_preemptions_total"] > 0
+        llm.llm_engine.block_manager.check_integrity()
+        del llm
+        free_gpu()
+    reasons = [r for _, r in results[False]]
+    assert "stop" in reasons and "length" in reasons, reasons
+    assert results[True] == results[False]
+
+
+def test_mixed_graphs_match_the_flat_batch(tiny_llama):
+    """Padding changes GEMM shapes, so the padded steps need not give the flat path's bits;
+    the greedy tokens of a chunked, mixed workload still agree with the flat eager path up to
+    near-ties (as in the HF parity test: the other side's token is in our top-5)."""
+    path, _ = tiny_llama
+    prompts = random_prompts([5 + 23 * i for i in range(10)], seed=6)
+    outs = {}
+    for flat in (False, True):
+        llm = make_llm(path, max_num_batched_tokens=128)
+        if flat:  # the flat batch of prepare_inputs, as on a CPU
+            llm.llm_engine.runner.graph_runner = None
+        outs[flat] = generate(llm, prompts, logprobs=5)
+        del llm
+        free_gpu()
+    for a, b in zip(outs[False], outs[True]):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        t = next((t for t, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
+        if t is not None:
+            assert ta[t] in b.outputs[0].logprobs[t] and tb[t] in a.outputs[0].logprobs[t]
 
 
 def test_kv_cache_is_sized_from_gpu_memory_utilization(tiny_llama, caplog):

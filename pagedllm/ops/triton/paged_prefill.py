@@ -127,17 +127,24 @@ def _paged_prefill_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-def _prefill_config(
-    num_tokens: int, num_seqs: int, group: int, head_dim: int
-) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from shapes only (no host sync).
+def prefill_block_m(num_tokens: int, num_seqs: int, group: int) -> int:
+    """Rows per tile (BLOCK_M) for a batch of this shape: the one choice that depends on it.
 
     Short average chunks (decode rows in a mixed batch) get small tiles so that few rows go
-    to padding; long prompts get 128-row tiles that keep the tensor cores busy.
+    to padding; long prompts get 128-row tiles that keep the tensor cores busy. Non-increasing
+    in num_seqs: worker/cuda_graph.py relies on that to pick, for a padded batch, the padded
+    row count that keeps the tile size of the real one.
     """
     rows_per_seq = triton.cdiv(num_tokens, max(num_seqs, 1)) * group
     block_m = 128 if rows_per_seq >= 128 else 64 if rows_per_seq >= 32 else 16
-    block_m = max(block_m, next_pow2(group))
+    return max(block_m, next_pow2(group))
+
+
+def _prefill_config(
+    num_tokens: int, num_seqs: int, group: int, head_dim: int
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from shapes only (no host sync)."""
+    block_m = prefill_block_m(num_tokens, num_seqs, group)
     block_n = 64 if head_dim <= 128 else 32
     num_warps = 8 if block_m >= 128 else 4
     return block_m, block_n, num_warps, 3 if head_dim <= 128 else 2
