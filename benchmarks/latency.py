@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="default: the engine's (on for CUDA)")
     ap.add_argument("--no-fused-ops", action="store_true")
+    ap.add_argument("--blas", choices=("cublas", "cublaslt"), default=None,
+                    help="torch.backends.cuda.preferred_blas_library (an experiment knob)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     args = ap.parse_args()
 
@@ -51,6 +53,8 @@ def main() -> None:
 
     if args.no_fused_ops:
         fused.set_enabled(False)
+    if args.blas is not None:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     if args.model == ".devdata/llama3-8b" and not os.path.isdir(args.model):
         gpu_utils.write_llama3_8b_dir(args.model)
     copy_gbs = gpu_utils.copy_bandwidth_gbs()
@@ -93,7 +97,8 @@ def main() -> None:
     floor_ms = step_bytes / (copy_gbs * 1e9) * 1e3
     mode = ("eager" if args.enforce_eager else "CUDA graphs") + (
         ", fused ops off" if args.no_fused_ops else ", fused ops") + (
-        ", async scheduling" if llm.llm_engine.config.async_scheduling else ", synchronous")
+        ", async scheduling" if llm.llm_engine.config.async_scheduling else ", synchronous") + (
+        f", {args.blas}" if args.blas else "")
     print(f"# {gpu_utils.device_line()}")
     print(f"# model {args.model} ({args.load_format}, bf16); batch {args.batch_size}, "
           f"{args.input_len} prompt tokens, {args.output_len} new tokens, greedy, seed "

@@ -98,16 +98,17 @@ class Scheduler:
         self.block_manager.free(seq)
 
     def remove_finished(self) -> list[SequenceGroup]:
-        """Drop finished groups from every queue. With async scheduling a group can finish
-        after this step preempted it (its last token arrives late), so not only running."""
+        """Drop finished groups whose tokens have all arrived. With async scheduling a group
+        can finish after this step preempted it (its last token arrives late), so every
+        queue is looked at; a group finished by length at launch waits for its last token."""
         done = []
         names = ("running", "waiting", "swapped") if self._finished_off_running else ("running",)
         self._finished_off_running = False
         for name in names:
             queue = getattr(self, name)
-            finished = [g for g in queue if g.is_finished]
+            finished = [g for g in queue if g.is_done]
             if finished:
-                setattr(self, name, [g for g in queue if not g.is_finished])
+                setattr(self, name, [g for g in queue if g not in finished])
                 done.extend(finished)
         return done
 

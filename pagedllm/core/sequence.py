@@ -167,6 +167,15 @@ class SequenceGroup:
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
 
+    def has_placeholders(self) -> bool:
+        return any(s.num_output_placeholders for s in self.seqs)
+
+    @property
+    def is_done(self) -> bool:
+        """Finished, and every sampled token read back (async scheduling finishes a sequence
+        by length when its last step is launched, before that token arrives)."""
+        return self.is_finished and not self.has_placeholders()
+
     def sort_key(self, policy: str) -> tuple:
         if policy == "priority":
             return (self.priority, self.arrival_time)

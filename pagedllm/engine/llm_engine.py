@@ -214,8 +214,12 @@ class LLMEngine(BeamSearchMixin):
             handle = self.runner.launch(out, sampling, [i for i, _ in rows],
                                         self._inputs_from_device(out, prev))
             for i, seq in rows:
-                if not self._samples_last_token(out.scheduled[i].group, seq):
-                    seq.append_placeholder()  # the next step feeds it from the device
+                seq.append_placeholder()  # the next step feeds it from the device
+                if self._samples_last_token(out.scheduled[i].group, seq):
+                    # Its last token is due: free its blocks and row now, as a synchronous
+                    # step would before planning the next one (step N is queued already, so
+                    # blocks reused later are written after it). Its token still arrives.
+                    self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_LENGTH)
             self._inflight = InflightStep(out, rows, handle)
         if prev is not None:
             outputs += self._process(prev.out, prev.rows, self.runner.collect(prev.handle), None)
@@ -246,10 +250,10 @@ class LLMEngine(BeamSearchMixin):
         return found
 
     def _samples_last_token(self, group: SequenceGroup, seq: Sequence) -> bool:
-        """Whether the token sampled now is the sequence's last by length (so no later step
-        needs it as input, and the scheduler must not plan one)."""
-        return (seq.num_output_tokens + 1 >= group.max_tokens
-                or seq.num_tokens + 1 >= self.max_model_len)
+        """Whether the token sampled now (its placeholder appended) is the sequence's last by
+        length, so that no later step needs it."""
+        return (seq.num_output_tokens >= group.max_tokens
+                or seq.num_tokens >= self.max_model_len)
 
     def _process(self, out: SchedulerOutput, rows: list[tuple[int, Sequence]],
                  tokens: list[int], logprobs: list | None) -> list[RequestOutput]:
@@ -258,8 +262,8 @@ class LLMEngine(BeamSearchMixin):
         now = time.monotonic()
         beam_groups = {}
         for r, (i, seq) in enumerate(rows):
-            if seq.is_finished:  # aborted while its step ran, or ended by an earlier step
-                continue
+            if seq.is_finished and not seq.num_output_placeholders:
+                continue  # aborted while its step ran, or ended by an earlier step's token
             group = out.scheduled[i].group
             lp = logprobs[r] if logprobs else None
             if group.data.beam is not None:  # beams pick their tokens together, below
@@ -275,9 +279,9 @@ class LLMEngine(BeamSearchMixin):
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():
-            if group.is_finished or group.params.output_kind != RequestOutputKind.FINAL_ONLY:
+            if group.is_done or group.params.output_kind != RequestOutputKind.FINAL_ONLY:
                 outputs.append(make_output(group, self.tokenizer))
-            if group.is_finished and self.groups.pop(group.request_id, None) is not None:
+            if group.is_done and self.groups.pop(group.request_id, None) is not None:
                 self.stats["num_requests_finished_total"] += 1
                 self._num_sync_groups -= self._needs_sync(group)
         self._maybe_log(now)
@@ -364,7 +368,10 @@ class LLMEngine(BeamSearchMixin):
         if status is not None:
             seq.drop_placeholders()
             seq.data.detokenizer.finish()
-            self.scheduler.finish_seq(seq, status)
+            if seq.is_finished:  # finished by length when its step was launched
+                seq.status = status  # (EOS or a stop string in the last token wins)
+            else:
+                self.scheduler.finish_seq(seq, status)
 
     def _store_prompt_logprobs(self, e: ScheduledSeq, start: int, rows: list) -> None:
         target = e.group.data.prompt_logprobs

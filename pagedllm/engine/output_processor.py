@@ -19,15 +19,16 @@ def make_output(group: SequenceGroup, tokenizer) -> RequestOutput:
             token_ids=seq.output_token_ids,
             cumulative_logprob=seq.cumulative_logprob if want_lp else None,
             logprobs=list(seq.logprobs) if want_lp else None,
-            finish_reason=seq.status.finish_reason,
+            finish_reason=None if seq.num_output_placeholders else seq.status.finish_reason,
             stop_reason=seq.stop_reason,
-            delta_text=seq.data.detokenizer.get_delta(seq.is_finished),
+            delta_text=seq.data.detokenizer.get_delta(
+                seq.is_finished and not seq.num_output_placeholders),
         )
         for i, seq in enumerate(group.seqs)
     ]
     return RequestOutput(
         request_id=group.request_id, prompt=group.prompt,
-        prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=group.is_finished,
+        prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=group.is_done,
         prompt_logprobs=group.data.prompt_logprobs, error=group.data.error,
         num_cached_tokens=group.num_cached_tokens,
         metrics={"arrival_time": group.arrival_time,

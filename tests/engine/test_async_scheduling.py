@@ -129,3 +129,36 @@ def test_sync_only_requests_switch_the_engine_to_sync_steps(default_llm, async_l
     assert summary(got) == summary(reference)
     assert got[2].outputs[0].logprobs == reference[2].outputs[0].logprobs
     assert async_llm.llm_engine._num_sync_groups == 0
+
+
+def scheduled_batches(llm: LLM, prompts, params) -> list[list[tuple[int, int]]]:
+    """(seq id, new tokens) of every step's schedule, while generating."""
+    sched = llm.llm_engine.scheduler
+    batches, schedule = [], sched.schedule
+
+    def record():
+        out = schedule()
+        if out.scheduled:  # (async ends with a call that only reads the last step back)
+            batches.append([(e.seq.seq_id, e.num_new_tokens) for e in out.scheduled])
+        return out
+
+    sched.schedule = record
+    llm.generate(prompts, params, use_tqdm=False)
+    del sched.schedule
+    return batches
+
+
+@pytest.mark.parametrize("engine_kwargs", [dict(max_num_seqs=3),
+                                           dict(num_gpu_blocks_override=20)],
+                         ids=["max_num_seqs", "preempted"])
+def test_length_limited_requests_run_the_batches_of_sync_steps(engine_kwargs, chat_prompt_ids):
+    """A sequence whose last token is due frees its row and blocks when that step is
+    launched, as a synchronous engine frees them before planning the next step: the same
+    batches run (on a GPU, where kernels are not batch invariant, the same bits too)."""
+    prompts = [{"prompt_token_ids": p} for p in chat_prompt_ids[:10]]
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 2 * i, ignore_eos=True)
+              for i in range(len(prompts))]
+    runs = [scheduled_batches(LLM(async_scheduling=a, **engine_kwargs, **SMALL_ENGINE),
+                              prompts, params) for a in (False, True)]
+    assert runs[0] == runs[1]
+    assert any(len(b) == 3 for b in runs[0]) or "num_gpu_blocks_override" in engine_kwargs
