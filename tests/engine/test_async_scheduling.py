@@ -162,3 +162,42 @@ def test_length_limited_requests_run_the_batches_of_sync_steps(engine_kwargs, ch
                               prompts, params) for a in (False, True)]
     assert runs[0] == runs[1]
     assert any(len(b) == 3 for b in runs[0]) or "num_gpu_blocks_override" in engine_kwargs
+
+
+def test_server_engine_streams_and_aborts_with_async_steps(default_llm, async_llm,
+                                                          chat_prompt_ids):
+    """AsyncLLMEngine (the server's loop) over an async-scheduling engine, as on a GPU:
+    concurrent streams equal the synchronous answers, and closing a stream mid-way aborts the
+    request and frees its blocks while other steps are in flight."""
+    import asyncio
+
+    from pagedllm.engine.async_engine import AsyncLLMEngine
+
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    prompts = chat_prompt_ids[:4]
+    reference = default_llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                     use_tqdm=False)
+
+    async def main():
+        engine = AsyncLLMEngine(async_llm.llm_engine)
+        engine.start()
+        try:
+            long = await engine.add_request(
+                "long", prompts[0], SamplingParams(temperature=0.0, max_tokens=500,
+                                                   ignore_eos=True))
+            streams = [await engine.add_request(f"r{i}", p, params)
+                       for i, p in enumerate(prompts)]
+            await long.__anext__()
+            long.close()  # a client disconnect
+
+            async def text(stream):
+                return "".join([o.outputs[0].delta_text async for o in stream])
+            return await asyncio.gather(*(text(s) for s in streams))
+        finally:
+            engine.stop()
+
+    texts = asyncio.run(asyncio.wait_for(main(), timeout=300))
+    assert texts == [o.outputs[0].text for o in reference]
+    bm = async_llm.llm_engine.block_manager
+    bm.check_integrity()
+    assert not bm.block_tables and not async_llm.llm_engine.has_unfinished_requests()
