@@ -101,6 +101,21 @@ def _rotate(x1, x2, c, s, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _rotate_heads(x_ptr, out_ptr, token, stride_t, stride_h, num_heads, c, s, offs_d, d_mask,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, DTYPE: tl.constexpr):
+    """Rotate every head of one token (q or k) and store it contiguously in out."""
+    offs_h = tl.arange(0, BLOCK_H)
+    mask = (offs_h < num_heads)[:, None] & d_mask[None, :]
+    src = x_ptr + token * stride_t + offs_h[:, None] * stride_h + offs_d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    o1, o2 = _rotate(x1, x2, c, s, DTYPE)
+    dst = out_ptr + (token * num_heads + offs_h[:, None]) * (2 * HALF) + offs_d[None, :]
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr,  # [T, Hq, D] (any token/head strides, unit stride on D)
     k_ptr,  # [T, Hkv, D]
@@ -132,26 +147,10 @@ def _rotary_kernel(
     c = c.to(dtype).to(tl.float32)[None, :]
     s = s.to(dtype).to(tl.float32)[None, :]
 
-    offs_h = tl.arange(0, BLOCK_HQ)
-    mask = (offs_h < num_q_heads)[:, None] & d_mask[None, :]
-    src = q_ptr + token * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    o1, o2 = _rotate(x1, x2, c, s, dtype)
-    dst = q_out_ptr + (token * num_q_heads + offs_h[:, None]) * (2 * HALF) + offs_d[None, :]
-    tl.store(dst, o1, mask=mask)
-    tl.store(dst + HALF, o2, mask=mask)
-
-    offs_h = tl.arange(0, BLOCK_HKV)
-    mask = (offs_h < num_kv_heads)[:, None] & d_mask[None, :]
-    src = k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    o1, o2 = _rotate(x1, x2, c, s, dtype)
-    dst = k_out_ptr + (token * num_kv_heads + offs_h[:, None]) * (2 * HALF) + offs_d[None, :]
-    tl.store(dst, o1, mask=mask)
-    tl.store(dst + HALF, o2, mask=mask)
-
+    _rotate_heads(q_ptr, q_out_ptr, token, stride_qt, stride_qh, num_q_heads, c, s, offs_d,
+                  d_mask, HALF, BLOCK_HQ, dtype)
+    _rotate_heads(k_ptr, k_out_ptr, token, stride_kt, stride_kh, num_kv_heads, c, s, offs_d,
+                  d_mask, HALF, BLOCK_HKV, dtype)
 
 def rotary_embedding(
     positions: torch.Tensor,  # [T]
