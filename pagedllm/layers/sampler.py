@@ -87,15 +87,15 @@ class SamplingMetadata:
         all_greedy, all_random = all(greedy), not any(greedy)
 
         def f32(values: list[float]) -> torch.Tensor:
-            return _to_device(values, torch.float32, device)
+            return to_device(values, torch.float32, device)
 
         temperature = greedy_mask = top_k = top_p = min_p = None
         if not all_greedy:
             temperature = f32([1.0 if g else p.temperature for p, g in zip(params, greedy)])
             if not all_random:
-                greedy_mask = _to_device(greedy, torch.bool, device)
+                greedy_mask = to_device(greedy, torch.bool, device)
             if any(p.top_k > 0 for p in params):
-                top_k = _to_device([p.top_k for p in params], torch.int64, device)
+                top_k = to_device([p.top_k for p in params], torch.int64, device)
             if any(p.top_p < 1.0 for p in params):
                 top_p = f32([p.top_p for p in params])
             if any(p.min_p > 0.0 for p in params):
@@ -105,7 +105,7 @@ class SamplingMetadata:
         penalty_rows = rep = presence = frequency = prompt_ids = output_ids = None
         rows = [i for i, p in enumerate(params) if p.has_penalties]
         if rows:
-            penalty_rows = _to_device(rows, torch.int64, device)
+            penalty_rows = to_device(rows, torch.int64, device)
             rep = f32([params[i].repetition_penalty for i in rows])
             presence = f32([params[i].presence_penalty for i in rows])
             frequency = f32([params[i].frequency_penalty for i in rows])
@@ -117,8 +117,8 @@ class SamplingMetadata:
         if banned_token_ids is not None and any(banned_token_ids):
             flat_rows = [i for i, ids in enumerate(banned_token_ids) for _ in ids]
             flat_ids = [t for ids in banned_token_ids for t in ids]
-            banned_rows = _to_device(flat_rows, torch.int64, device)
-            banned_ids = _to_device(flat_ids, torch.int64, device)
+            banned_rows = to_device(flat_rows, torch.int64, device)
+            banned_ids = to_device(flat_ids, torch.int64, device)
 
         num_logprobs = [p.logprobs for p in params]
         max_num_logprobs = max((k for k in num_logprobs if k is not None), default=None)
@@ -316,7 +316,7 @@ def _gather_logprobs(
     return out
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """A host list as a device tensor without a stream sync (torch.tensor(..., device=cuda)
     waits for the device, which would stall async scheduling behind the step in flight)."""
     host = torch.tensor(values, dtype=dtype)
@@ -328,7 +328,7 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> 
 def _pad(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     padded = [r + [-1] * (width - len(r)) for r in rows]
-    return _to_device(padded, torch.int64, device).reshape(len(rows), width)
+    return to_device(padded, torch.int64, device).reshape(len(rows), width)
 
 
 def _count_tokens(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.forward_context import AttentionMetadata, forward_context
-from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, to_device
 from pagedllm.loader import initialize_dummy_weights, iter_weights
 from pagedllm.models.registry import get_model_class
 from pagedllm.worker.cache_engine import CacheEngine, kv_block_bytes
@@ -374,10 +374,7 @@ class ModelRunner:
             total += e.num_new_tokens
         dst = [starts[i] + offset for i, offset, _ in from_device]
         src = [row for _, _, row in from_device]
-        index = torch.tensor([dst, src], dtype=torch.int64)
-        if self.device.type == "cuda":
-            index = index.pin_memory()  # an async copy that does not wait for the step in flight
-        index = index.to(self.device, non_blocking=True)
+        index = to_device([dst, src], torch.int64, self.device)  # no wait for the step in flight
         input_ids.index_copy_(0, index[0], self._last_sampled.index_select(0, index[1]))
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, wanted: dict) -> dict:
