@@ -36,6 +36,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.crash = False
         self.step_delay = step_delay
+        # While a gate is given and not yet set, steps emit nothing: the test holds requests
+        # alive while it probes (blocking here instead would also stall the engine's inbox).
+        self.gate: threading.Event | None = None
 
     def _touch(self) -> None:
         self.threads.add(threading.current_thread().name)
@@ -66,6 +69,9 @@ class FakeEngine:
         self._touch()
         if self.crash:
             raise RuntimeError("boom")
+        if self.gate is not None and not self.gate.is_set():
+            time.sleep(0.001)
+            return []
         time.sleep(self.step_delay)
         self.scheduler.waiting.clear()
         outs = []
@@ -111,8 +117,11 @@ def test_streams_outputs_in_order_on_one_engine_thread():
 
 
 def test_bad_request_raises_and_others_continue():
+    fake = FakeEngine()
+    fake.gate = threading.Event()  # "good" cannot finish before the duplicate id is tried
+
     async def main():
-        engine = AsyncLLMEngine(FakeEngine())
+        engine = AsyncLLMEngine(fake)
         engine.start()
         try:
             good = await engine.add_request("good", [1], SamplingParams(max_tokens=2))
@@ -120,8 +129,10 @@ def test_bad_request_raises_and_others_continue():
                 await engine.add_request("bad", [], SamplingParams())
             with pytest.raises(ValueError, match="already in use"):
                 await engine.add_request("good", [1], SamplingParams())
+            fake.gate.set()
             return [o.finished async for o in good]
         finally:
+            fake.gate.set()
             engine.stop()
 
     assert run(main()) == [False, True]
