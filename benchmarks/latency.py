@@ -15,6 +15,7 @@ same run. The GPU idle share is measured with CUDA events around every step.
     python benchmarks/latency.py                      # batch 1, 32 in / 128 out
     python benchmarks/latency.py --enforce-eager      # no CUDA graphs
     python benchmarks/latency.py --no-fused-ops       # plain PyTorch norm / rotary / SiLU
+    python benchmarks/latency.py --no-skinny-gemm     # cuBLAS for the decode matmuls
 """
 
 from __future__ import annotations
@@ -43,16 +44,20 @@ def main() -> None:
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="default: the engine's (on for CUDA)")
     ap.add_argument("--no-fused-ops", action="store_true")
+    ap.add_argument("--no-skinny-gemm", action="store_true",
+                    help="cuBLAS for the few-row matmuls too (PAGEDLLM_SKINNY_GEMM=0)")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default=None,
                     help="torch.backends.cuda.preferred_blas_library (an experiment knob)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     args = ap.parse_args()
 
     from pagedllm import LLM, SamplingParams
-    from pagedllm.ops import fused
+    from pagedllm.ops import fused, gemm
 
     if args.no_fused_ops:
         fused.set_enabled(False)
+    if args.no_skinny_gemm:
+        gemm.set_skinny_enabled(False)
     if args.blas is not None:
         torch.backends.cuda.preferred_blas_library(args.blas)
     if args.model == ".devdata/llama3-8b" and not os.path.isdir(args.model):
@@ -98,6 +103,7 @@ def main() -> None:
     mode = ("eager" if args.enforce_eager else "CUDA graphs") + (
         ", fused ops off" if args.no_fused_ops else ", fused ops") + (
         ", async scheduling" if llm.llm_engine.config.async_scheduling else ", synchronous") + (
+        ", cuBLAS matmuls" if args.no_skinny_gemm else ", skinny GEMM") + (
         f", {args.blas}" if args.blas else "")
     print(f"# {gpu_utils.device_line()}")
     print(f"# model {args.model} ({args.load_format}, bf16); batch {args.batch_size}, "

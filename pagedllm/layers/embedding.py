@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.ops import cpu_gemm
+from pagedllm.ops import gemm
 from pagedllm.distributed.parallel_state import (
     get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce,
 )
@@ -43,9 +43,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     packed_weight: torch.Tensor | None = None
 
     def prepack(self) -> None:
-        self.packed_weight = cpu_gemm.prepack(self.weight)
+        self.packed_weight = gemm.prepack(self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = tp_all_gather(cpu_gemm.linear(hidden, self.weight, None, self.packed_weight),
+        logits = tp_all_gather(gemm.linear(hidden, self.weight, None, self.packed_weight),
                                dim=-1)
         return logits[..., : self.vocab_size]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
-from pagedllm.ops import cpu_gemm
+from pagedllm.ops import gemm
 
 
 def _shard(loaded: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
@@ -19,12 +19,12 @@ def _shard(loaded: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor
 
 
 class _PackedLinearMixin:
-    """Optional CPU pre-packed weight (see ops/cpu_gemm.py), made once after loading."""
+    """Optional CPU pre-packed weight (see ops/gemm.py), made once after loading."""
 
     packed_weight: torch.Tensor | None = None
 
     def prepack(self) -> None:
-        self.packed_weight = cpu_gemm.prepack(self.weight)
+        self.packed_weight = gemm.prepack(self.weight)
 
 
 class ColumnParallelLinear(_PackedLinearMixin, nn.Module):
@@ -50,7 +50,7 @@ class ColumnParallelLinear(_PackedLinearMixin, nn.Module):
         param.data.copy_(_shard(loaded, 0, size, get_tp_rank()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_gemm.linear(x, self.weight, self.bias, self.packed_weight)
+        return gemm.linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -116,5 +116,5 @@ class RowParallelLinear(_PackedLinearMixin, nn.Module):
         param.data.copy_(_shard(loaded, 1, size, get_tp_rank()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(cpu_gemm.linear(x, self.weight, None, self.packed_weight))
+        y = tp_all_reduce(gemm.linear(x, self.weight, None, self.packed_weight))
         return y if self.bias is None else y + self.bias

@@ -117,7 +117,7 @@ class ModelRunner:
             model.load_weights(iter_weights(mc.model, mc.load_format, mc.hf_config))
         for module in model.modules():
             if hasattr(module, "prepack"):
-                module.prepack()  # CPU-only: pre-packed GEMM weights (ops/cpu_gemm.py)
+                module.prepack()  # CPU-only: pre-packed GEMM weights (ops/gemm.py)
         return model.eval()
 
     def block_bytes(self) -> int:

@@ -73,7 +73,7 @@ def _reload_compiled_kernels() -> None:
     common = sys.modules.get("pagedllm.ops.triton.common")
     if common is None or isinstance(common.attend_kv_tile, InterpretedFunction):
         return
-    for name in ("common", "paged_decode", "paged_prefill", "cache_ops"):
+    for name in ("common", "paged_decode", "paged_prefill", "cache_ops", "skinny_gemm"):
         module = sys.modules.get(f"pagedllm.ops.triton.{name}")
         if module is not None:
             importlib.reload(module)
