@@ -52,6 +52,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: torch.Tensor | None) -> torch.Tensor:
     if packed is not None and x.shape[0] <= SMALL_M and x.dim() == 2:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-    if _skinny_enabled and x.is_cuda and _skinny.supports(x, weight, bias):
+    if _skinny_enabled and _skinny.supports(x, weight, bias):  # CUDA tensors only
         return _skinny.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -29,6 +29,20 @@ MAX_M = 16  # rows above this go to cuBLAS, which is no longer bandwidth-starved
 
 
 @triton.jit
+def _load_k_slice(w_ptrs, x_ptrs, k0, offs_k, K, EVEN_K: tl.constexpr):
+    """One BLOCK_K slice of the weight tile and of x (1-D or [BLOCK_M, BLOCK_K]); the K mask
+    broadcasts to either shape."""
+    if EVEN_K:
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+        x = tl.load(x_ptrs)
+    else:
+        k_mask = (k0 + offs_k) < K
+        w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+    return w, x
+
+
+@triton.jit
 def _skinny_gemm_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K], K contiguous (nn.Linear's layout)
@@ -53,20 +67,14 @@ def _skinny_gemm_kernel(
     # Rows past N read row 0 (always valid) instead of masking: their results are not stored.
     w_rows = tl.where(n_mask, offs_n, 0).to(tl.int64) * stride_wn
     w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]
-    # Two loops, not one: the GEMV loads x as a 1-D vector that broadcasts over the weight
-    # tile; one loop for both (x as a [1, BLOCK_K] tile) ran the down projection at 45.9 µs
+    # Two loops (one load helper): the GEMV loads x as a 1-D vector that broadcasts over the
+    # weight tile; one loop for both (x as a [1, BLOCK_K] tile) ran the down projection at 45.9 µs
     # instead of 40.6 per call on an H100 (skinny_gemm_bench.py).
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         x_ptrs = x_ptr + offs_k
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-                x = tl.load(x_ptrs)
-            else:
-                k_mask = (k0 + offs_k) < K
-                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+            w, x = _load_k_slice(w_ptrs, x_ptrs, k0, offs_k, K, EVEN_K)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -77,13 +85,7 @@ def _skinny_gemm_kernel(
         x_ptrs = x_ptr + tl.where(m_mask, offs_m, 0)[:, None] * stride_xm + offs_k[None, :]
         out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-                x = tl.load(x_ptrs)
-            else:
-                k_mask = (k0 + offs_k) < K
-                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            w, x = _load_k_slice(w_ptrs, x_ptrs, k0, offs_k, K, EVEN_K)
             out = tl.dot(x, tl.trans(w), out)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
