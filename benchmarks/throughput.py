@@ -46,7 +46,7 @@ def run_pagedllm(args, prompts) -> tuple[float, int]:
               load_format=args.load_format)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
-    llm.llm_engine.block_manager.reset_prefix_cache()  # no help from the warm-up's blocks
+    llm.llm_engine.engine_core.block_manager.reset_prefix_cache()  # no help from the warm-up's blocks
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start

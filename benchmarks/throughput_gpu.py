@@ -34,8 +34,8 @@ def timed_run(llm, reqs, detokenize: bool) -> dict:
 
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True,
                              detokenize=detokenize) for _, o in reqs]
-    llm.llm_engine.block_manager.reset_prefix_cache()  # every run does all of its prefill
-    profile = gpu_utils.StepProfile(llm.llm_engine)
+    llm.llm_engine.engine_core.block_manager.reset_prefix_cache()  # every run does all of its prefill
+    profile = gpu_utils.StepProfile(llm.llm_engine.engine_core)
     torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in reqs], params, use_tqdm=False)
@@ -109,7 +109,7 @@ def _triton_cache_entries() -> int:
 
 
 def release(llm) -> None:
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.engine_core.executor.runner
     runner.graph_runner = runner.cache_engine = runner.model = None
     gc.collect()
     torch.cuda.empty_cache()

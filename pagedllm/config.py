@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0  # KV budget on a CPU when num_gpu_blocks_override is not given
 
@@ -79,14 +82,48 @@ class SchedulerConfig:
                 f"preemption_mode must be 'recompute', 'swap' or None, got {self.preemption_mode!r}")
 
 
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # uni: the model in the engine-core process; mp: ranks 1.. as spawned processes; ray: as
+    # Ray actors. None resolves to "uni" at tp = 1 and "mp" above.
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
+        tp, backend = self.tensor_parallel_size, self.distributed_executor_backend
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+        if backend is None:
+            object.__setattr__(self, "distributed_executor_backend", "uni" if tp == 1 else "mp")
+        elif backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of "
+                             f"{', '.join(EXECUTOR_BACKENDS)}, got {backend!r}")
+        elif backend == "uni" and tp > 1:
             raise ValueError(
-                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+                f"distributed_executor_backend='uni' runs one process with one model, but "
+                f"tensor_parallel_size={tp} needs {tp} ranks; use 'mp' or 'ray'")
+
+    def verify_with_model(self, model: ModelConfig) -> None:
+        """Can the model be split tp ways? Checked before any weight or KV memory is taken."""
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return
+        hf = model.hf_config
+        heads, kv_heads = hf.num_attention_heads, model.num_kv_heads
+        if heads % tp:
+            raise ValueError(f"num_attention_heads ({heads}) must be divisible by "
+                             f"tensor_parallel_size ({tp})")
+        if kv_heads % tp and tp % kv_heads:
+            raise ValueError(
+                f"num_key_value_heads ({kv_heads}) and tensor_parallel_size ({tp}) must divide "
+                f"one another (KV heads are split, or replicated when fewer than ranks)")
+        intermediate = getattr(hf, "intermediate_size", None)
+        if intermediate is not None and intermediate % tp:
+            raise ValueError(f"intermediate_size ({intermediate}) must be divisible by "
+                             f"tensor_parallel_size ({tp})")
 
 
 @dataclass(frozen=True)
@@ -101,3 +138,44 @@ class EngineConfig:
     # CUDA, where it hides the host's work; a CPU computes synchronously, so there it only
     # exercises the same bookkeeping (tests turn it on).
     async_scheduling: bool = False
+    # CPU threads the engine core's model steps may use, all TP ranks together. None: every
+    # core this process may run on, less one when the core has its own process (the frontend
+    # beside it needs one: OpenMP threads that must wait for a time slice stall every step).
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        self.parallel.verify_with_model(self.model)
+        if self.parallel.tensor_parallel_size == 1:
+            return
+        # NOTE: at tp > 1 every rank runs the flat batch rank 0 sends it; a CUDA graph cannot
+        # capture the gloo collectives of the CPU path, and rank 0's graph buffers are laid out
+        # apart from that batch, so steps stay eager. Async scheduling would feed sampled ids
+        # on rank 0's device only; the executor can feed them through the host instead, which
+        # is correct but waits for the step, so it would only add bookkeeping.
+        if self.device == "cuda" and not self.enforce_eager:
+            logger.info("tensor_parallel_size=%d: CUDA graphs are off (enforce_eager): every "
+                        "rank runs the flat batch eagerly", self.parallel.tensor_parallel_size)
+            object.__setattr__(self, "enforce_eager", True)
+        if self.async_scheduling:
+            logger.info("tensor_parallel_size=%d: async scheduling is off: sampled ids reach the "
+                        "other ranks through the host, so steps cannot overlap",
+                        self.parallel.tensor_parallel_size)
+            object.__setattr__(self, "async_scheduling", False)
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_rank(config: EngineConfig) -> int:
+    """Intra-op threads for one TP rank's model steps on a CPU."""
+    total = config.cpu_threads or available_cpus()
+    return max(1, total // config.parallel.tensor_parallel_size)

@@ -56,3 +56,26 @@ CHAT_QUESTIONS = [
 def chat_prompt_ids(default_llm):
     """Token ids of the chat-templated questions (different lengths, shared template)."""
     return [default_llm.encode_chat([{"role": "user", "content": q}]) for q in CHAT_QUESTIONS]
+
+
+# A model that costs almost nothing to run (2 layers, hidden 64), with the default tokenizer:
+# for tests of processes, protocols and frontends rather than of the model.
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  vocab_size=49152, initializer_range=0.2, rms_norm_eps=1e-5, bos_token_id=1,
+                  eos_token_id=2, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint saved by transformers, with SmolLM2's tokenizer."""
+    import transformers
+
+    from pagedllm.loader import default_model_path, load_tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    load_tokenizer(default_model_path(), "gguf").save_pretrained(path)
+    return str(path)

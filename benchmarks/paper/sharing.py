@@ -52,7 +52,7 @@ def sharegpt_like(num: int, seed: int, tokenizer, max_output: int):
 def blocks_saved(llm: LLM, workload, mode: str, k: int) -> tuple[float, int]:
     """Run the workload to completion; returns (share of blocks saved, peak physical blocks)."""
     engine = llm.llm_engine
-    bm = engine.block_manager
+    bm = engine.engine_core.block_manager
     for i, (prompt, out_len) in enumerate(workload):
         rid = f"{mode}{k}-{i}"
         if mode == "parallel":

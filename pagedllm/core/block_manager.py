@@ -47,13 +47,20 @@ class BlockManager:
 
     def block_hashes(self, seq: Sequence) -> list[BlockHash]:
         """Chained hashes of the sequence's full blocks, extended lazily as tokens arrive
-        (a block holding an output placeholder waits until its value is known)."""
+        (a block holding an output placeholder waits until its value is known).
+
+        The sequence's cache_salt enters the first block's hash and so every later one:
+        sequences with different salts never share a block.
+        """
         hashes = seq.block_hashes
         bs = self.block_size
         while len(hashes) < seq.num_known_tokens // bs:
             i = len(hashes)
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens))
+            if i == 0:
+                hashes.append(hash_block_tokens(None, tokens, seq.cache_salt))
+            else:
+                hashes.append(hash_block_tokens(hashes[-1], tokens))
         return hashes
 
     def get_computed_blocks(self, seq: Sequence) -> list[KVCacheBlock]:

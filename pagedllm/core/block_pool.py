@@ -10,23 +10,41 @@ popped block's hash; freeing appends to the tail. So cached blocks live as long 
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
-from typing import NamedTuple
+
+# A full block's prefix-cache key: sha256 over a canonical byte encoding of its whole prefix.
+#
+#   field       bytes      contents
+#   parent      32         parent block's digest; ROOT_BLOCK_HASH for a sequence's first block
+#   n           4          number of token ids, u32 little-endian
+#   token_ids   8 * n      each token id, i64 little-endian
+#   salt tag    1          0x00: no salt, 0x01: salt follows
+#   salt        4 + len    UTF-8 length (u32 LE) then the UTF-8 bytes; only when the tag is 0x01
+#
+# Every field is fixed-width or length-prefixed, so distinct (parent, tokens, salt) give distinct
+# messages. The salt (a tenant's opt-out of sharing) enters the first block only and reaches
+# every later block through the parent digest.
+# NOTE: the key is the digest alone, without the token ids: an alias needs a sha256 collision
+# (about 2**128 work even for a crafted prompt), and a 32-byte key keeps lookups cheap.
+BlockHash = bytes
+ROOT_BLOCK_HASH: BlockHash = bytes(32)
 
 
-class BlockHash(NamedTuple):
-    """Chained hash of a full block: hash((parent hash, token ids)).
-
-    The token ids ride along so that a dict lookup compares contents on a hash collision.
-    """
-
-    value: int
-    token_ids: tuple[int, ...]
-
-
-def hash_block_tokens(parent: BlockHash | None, token_ids: tuple[int, ...]) -> BlockHash:
-    parent_value = parent.value if parent is not None else None
-    return BlockHash(hash((parent_value, token_ids)), token_ids)
+def hash_block_tokens(
+    parent: BlockHash | None, token_ids: tuple[int, ...], cache_salt: str | None = None
+) -> BlockHash:
+    """Digest of one full block given its parent's digest (None for a first block)."""
+    assert parent is None or len(parent) == 32, parent
+    msg = [parent if parent is not None else ROOT_BLOCK_HASH,
+           struct.pack(f"<I{len(token_ids)}q", len(token_ids), *token_ids)]
+    if cache_salt is None:
+        msg.append(b"\x00")
+    else:
+        salt = cache_salt.encode()
+        msg.append(b"\x01" + struct.pack("<I", len(salt)) + salt)
+    return hashlib.sha256(b"".join(msg)).digest()
 
 
 @dataclass(slots=True, eq=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 from pagedllm.config import SchedulerConfig
@@ -30,6 +31,8 @@ class ScheduledSeq:
     group: SequenceGroup
     num_new_tokens: int
     block_ids: list[int]
+    # Parallel sampling: sequences forked from `seq` this step, sampling from its logits.
+    forks: list[Sequence] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -65,6 +68,11 @@ class Scheduler:
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
         self._finished_off_running = False
+        self._seq_ids = itertools.count()
+
+    def new_seq_id(self) -> int:
+        """Sequence ids are unique per scheduler: block tables are keyed by them."""
+        return next(self._seq_ids)
 
     # ---- queue management ----------------------------------------------------------------
     def _key(self, group: SequenceGroup) -> tuple:
@@ -176,8 +184,24 @@ class Scheduler:
             copies = bm.allocate_slots(seq, n)
             assert copies is not None, "checked above"
             out.blocks_to_copy.extend(copies)
-            entries.append(ScheduledSeq(seq, group, n, bm.get_block_ids(seq.seq_id)))
+            entry = ScheduledSeq(seq, group, n, bm.get_block_ids(seq.seq_id))
+            if group.num_samples > 1 and len(group.seqs) == 1 and entry.samples \
+                    and seq.num_output_tokens == 0:
+                entry.forks = [self._fork(group, entry) for _ in range(group.num_samples - 1)]
+            entries.append(entry)
         return entries
+
+    def _fork(self, group: SequenceGroup, entry: ScheduledSeq) -> Sequence:
+        """Parallel sampling as in the paper: the prompt is prefilled once; when its first
+        token is due, the sequence forks into n that share every block (ref_cnt = n), and
+        all n sample their first token from the same logits. The first write into a shared
+        partial block copies it (BlockManager.append_slots)."""
+        child = entry.seq.fork(self.new_seq_id())
+        self.block_manager.fork(entry.seq, child)
+        # This step computes the parent's chunk into the blocks the child shares.
+        child.num_computed_tokens += entry.num_new_tokens
+        group.seqs.append(child)
+        return child
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         bm = self.block_manager
@@ -203,6 +227,7 @@ class Scheduler:
             for seq in live:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += len(hits[seq.seq_id]) * bm.block_size
+            for seq in group.live_seqs():  # n > 1: the sequences forked this step too
                 seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, group, key=self._key)
             out.scheduled.extend(entries)

@@ -57,10 +57,12 @@ class Sequence:
     __slots__ = (
         "seq_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "status",
         "block_hashes", "cumulative_logprob", "logprobs", "stop_reason", "data",
-        "num_output_placeholders",
+        "num_output_placeholders", "cache_salt",
     )
 
-    def __init__(self, seq_id: int, prompt_token_ids: list[int]) -> None:
+    def __init__(
+        self, seq_id: int, prompt_token_ids: list[int], cache_salt: str | None = None
+    ) -> None:
         self.seq_id = seq_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -72,6 +74,8 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.data: Any = None  # engine-side state (detokenizer, generator); opaque here
         self.num_output_placeholders = 0  # trailing tokens still on the device (see above)
+        # Enters the first block's prefix-cache hash: only equal salts share cached blocks.
+        self.cache_salt = cache_salt
 
     @property
     def num_tokens(self) -> int:
@@ -101,7 +105,7 @@ class Sequence:
 
     def fork(self, seq_id: int) -> Sequence:
         """A copy with a new id (the caller shares the KV blocks through BlockManager.fork)."""
-        child = Sequence(seq_id, self.prompt_token_ids)
+        child = Sequence(seq_id, self.prompt_token_ids, self.cache_salt)
         child.token_ids = list(self.token_ids)
         child.num_computed_tokens = self.num_computed_tokens
         child.status = self.status
@@ -154,7 +158,20 @@ class SequenceGroup:
     skip_prefix_cache: bool = False
     # Prompt tokens served from the prefix cache when the prompt was first admitted.
     num_cached_tokens: int = 0
+    # Parallel sampling (n > 1): sequences the scheduler forks when the first token is due.
+    num_samples: int = 1
     data: Any = None  # engine-side state (metrics timestamps, beam bookkeeping)
+    # Tenant isolation: prefix-cache blocks are shared only among requests with an equal salt
+    # (None shares with None). Pass it to the constructor, which copies it onto the sequences
+    # (the block manager reads Sequence.cache_salt); assigning it later does not reach them.
+    cache_salt: str | None = None
+
+    def __post_init__(self) -> None:
+        for seq in self.seqs:
+            if seq.cache_salt != self.cache_salt:
+                assert seq.cache_salt is None, "sequence salted for another group"
+                assert not seq.block_hashes, "salt must be set before any block is hashed"
+                seq.cache_salt = self.cache_salt
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -34,8 +34,10 @@ class EngineArgs:
     load_format: str = "auto"
     device: str = "auto"
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # uni | mp | ray; None: uni at tp=1, else mp
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # None: on for CUDA, off for CPU
+    cpu_threads: int | None = None  # None: see EngineConfig.cpu_threads
 
     def create_engine_config(self) -> EngineConfig:
         from pagedllm.loader import default_model_path, load_model_config
@@ -81,11 +83,14 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched,
                 max_model_len=max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.scheduling_policy, preemption_mode=self.preemption_mode),
-            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            parallel=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                distributed_executor_backend=self.distributed_executor_backend),
             device=device,
             enforce_eager=self.enforce_eager,
             async_scheduling=(device == "cuda" if self.async_scheduling is None
                               else self.async_scheduling),
+            cpu_threads=self.cpu_threads,
         )
 
     # ---- CLI ---------------------------------------------------------------------------------
@@ -115,7 +120,15 @@ class EngineArgs:
         parser.add_argument("--scheduling-policy", default=d.scheduling_policy,
                             choices=("fcfs", "priority"))
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        parser.add_argument("--distributed-executor-backend", default=None,
+                            choices=("uni", "mp", "ray"),
+                            help="how tensor-parallel ranks run: uni (one process, tp=1), mp "
+                            "(spawned processes; the default at tp>1) or ray (Ray actors)")
         parser.add_argument("--enforce-eager", action="store_true")
+        parser.add_argument("--cpu-threads", type=int, default=None,
+                            help="CPU threads for model steps, all TP ranks together (default: "
+                            "the cores this process may use, less one for the server's "
+                            "frontend when the engine core has its own process)")
         parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                             default=None, help="plan the next step while the device runs this "
                             "one (default: on for CUDA)")

@@ -1,14 +1,13 @@
-"""AsyncLLMEngine: the engine on one background thread, each request an asyncio stream.
+"""AsyncLLM: the asyncio frontend. Each request is a RequestStream; the core runs elsewhere.
 
-LLMEngine is not thread-safe, so exactly one thread ever touches it: the step loop. The event
-loop talks to that thread through two one-way channels, and nothing else is shared:
+    event loop: add_request ── EngineCoreRequest (ZeroMQ) ──▶ engine core (process or thread)
+    event loop: output task ◀── EngineCoreOutputs ── OutputProcessor ──▶ RequestStream queues
 
-    event loop ── inbox: _Add / _Abort (a deque) ──▶ step-loop thread: drain inbox, step()
-    event loop ◀── loop.call_soon_threadsafe(_dispatch, outputs) ── step-loop thread
-
-Every request owns a RequestStream (an asyncio.Queue) that only the event loop reads and writes,
-so HTTP handlers stay responsive while a step runs. If the step loop dies, every pending and
-future request gets EngineDeadError and `is_healthy` turns False (the server's /health: 503).
+The event loop never runs a model step: by default the core is its own process
+(`engine_core="process"`), so the server's Python (HTTP, JSON, detokenization) and the step
+loop do not share a GIL. `engine_core="thread"` keeps the core in this process on a thread
+(the one-interpreter design, kept to measure against). If the core dies or hangs, every open
+request gets EngineDeadError, `is_healthy` turns False (/health: 503) and the core is stopped.
 """
 
 from __future__ import annotations
@@ -16,41 +15,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import threading
-from dataclasses import dataclass
 
-from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.config import EngineConfig
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.core_client import AsyncMPClient, EngineDeadError
+from pagedllm.engine.llm_engine import RequestValidator, eos_token_ids
+from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.metrics import ServingMetrics
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
 
-# How long an idle step loop sleeps before looking at the inbox again; add/abort wake it early.
-_IDLE_WAIT_S = 1.0
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop crashed; no request can be served any more."""
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestStream"]
 
 
 class QueueFullError(RuntimeError):
     """The waiting queue already holds `max_waiting` requests (the server answers 429)."""
-
-
-@dataclass(slots=True)
-class _Add:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float | None
-    done: asyncio.Future  # resolved on the event loop: None, or the exception add raised
-
-
-@dataclass(slots=True)
-class _Abort:
-    request_id: str
 
 
 _CLOSED = object()  # put by RequestStream.close()
@@ -59,14 +40,19 @@ _CLOSED = object()  # put by RequestStream.close()
 class RequestStream:
     """The outputs of one request, in order; `async for` ends after the finished one.
 
+    Outputs are cumulative, so when the reader falls behind the engine (a busy server), the
+    pending ones merge into one: the newest output, with the delta texts joined. A slow
+    client then costs fewer, larger chunks instead of a growing backlog.
+
     `close()` is idempotent and safe at any time: if the engine has not finished the request,
-    it aborts it, which frees its KV blocks at the next drain of the inbox (within one step).
+    it aborts it, which frees its KV blocks in the core's next drain of its inputs.
     """
 
-    def __init__(self, request_id: str, engine: AsyncLLMEngine) -> None:
+    def __init__(self, request_id: str, engine: AsyncLLM) -> None:
         self.request_id = request_id
         self._engine = engine
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._items: collections.deque = collections.deque()
+        self._ready = asyncio.Event()
         self._engine_done = False  # the final output (or an error) has been put
         self._consumed = False  # the consumer has seen it
 
@@ -74,12 +60,18 @@ class RequestStream:
         if self._engine_done:
             return
         self._engine_done = isinstance(item, BaseException) or item.finished
-        self._queue.put_nowait(item)
+        last = self._items[-1] if self._items else None
+        if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
+            self._items[-1] = _merge(last, item)
+        else:
+            self._items.append(item)
+        self._ready.set()
 
     def close(self) -> None:
         if not self._engine_done:
             self._engine_done = True
-            self._queue.put_nowait(_CLOSED)  # wakes a reader still waiting: iteration ends
+            self._items.append(_CLOSED)  # wakes a reader still waiting: iteration ends
+            self._ready.set()
             self._engine.abort(self.request_id)
 
     def __aiter__(self) -> RequestStream:
@@ -88,7 +80,10 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._consumed:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
         if item is _CLOSED:
             self._consumed = True
             raise StopAsyncIteration
@@ -99,96 +94,147 @@ class RequestStream:
         return item
 
 
-class AsyncLLMEngine:
-    """Serve an LLMEngine to asyncio code: `stream = await add_request(...)`, `async for`.
+def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """Two pending cumulative outputs of one request as one: the newer, whose delta texts
+    start where the older's began."""
+    deltas = {o.index: o.delta_text for o in old.outputs}
+    for o in new.outputs:
+        o.delta_text = deltas.pop(o.index, "") + o.delta_text
+    return new
 
-    `max_waiting`: reject a new request (QueueFullError) while the engine's waiting queue
-    already holds that many requests; None means no limit.
+
+class AsyncLLM:
+    """Serve the engine to asyncio code: `stream = await add_request(...)`, `async for`.
+
+    `max_waiting`: reject a new request (QueueFullError) while the core's waiting queue
+    (as of its last report, plus the requests sent since) holds that many; None: no limit.
     """
 
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
-        self.engine = engine
+    def __init__(self, config: EngineConfig, tokenizer, engine_core: str = "process",
+                 max_waiting: int | None = None, engine_timeout_s: float | None = None) -> None:
+        if engine_core not in ("process", "thread"):
+            raise ValueError(f"engine_core must be 'process' or 'thread', got {engine_core!r}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.validator = RequestValidator(config, tokenizer)
+        self.max_model_len = config.model.max_model_len
+        self.vocab_size = config.model.hf_config.vocab_size
         self.max_waiting = max_waiting
+        self.output_processor = OutputProcessor(tokenizer)
+        kwargs = {} if engine_timeout_s is None else {"engine_timeout_s": engine_timeout_s}
+        self.client = AsyncMPClient(config, eos_token_ids(tokenizer, config.model.hf_config),
+                                    placement=engine_core, **kwargs)
         self.metrics = ServingMetrics(self.get_metrics)
-        self._inbox: collections.deque[_Add | _Abort] = collections.deque()
-        self._wakeup = threading.Event()
-        self._stopping = False
-        self._dead: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        # Event-loop-side state (never touched by the step-loop thread).
+        self.stats = {"num_requests_finished_total": 0}
         self._streams: dict[str, RequestStream] = {}
-        self._pending_adds: set[asyncio.Future] = set()
-        # Written by the step-loop thread after every step, read by scrapes: a dict swap is atomic.
-        self._stats: dict = engine.get_metrics()
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self._reader: asyncio.Task | None = None
+        self._sent_since_stats = 0  # requests sent after the core's last stats
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, **kwargs) -> AsyncLLM:
+        from pagedllm.loader import load_tokenizer
+
+        config = args.create_engine_config()
+        return cls(config, load_tokenizer(config.model.model, config.model.load_format),
+                   **kwargs)
 
     # ---- lifecycle (event loop) ------------------------------------------------------------
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
-        self._thread.start()
+        self._reader = asyncio.get_running_loop().create_task(self._output_loop())
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self) -> None:
+        """Stop the core (it is not restarted); open requests fail with EngineDeadError."""
         self._stopping = True
-        self._wakeup.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._reader is not None:
+            self._reader.cancel()
+        self.client.shutdown()
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    shutdown = stop
 
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread is not None and self._thread.is_alive()
+        return (self._dead is None and not self._stopping and self.client.is_alive()
+                and self._reader is not None and not self._reader.done())
 
     def get_metrics(self) -> dict:
-        """`LLMEngine.get_metrics()` as of the last step (safe to call from any thread)."""
-        return self._stats
+        """The core's counters as of its last report, with the frontend's own."""
+        return {**self.client.stats, **self.stats}
+
+    async def check_integrity(self) -> bool:
+        """The core's block pool invariants hold (raises if not)."""
+        return await self.client.call_utility_async("check_integrity")
+
+    async def get_core_metrics(self) -> dict:
+        """The core's counters now (a round trip), not as of its last report."""
+        return await self.client.call_utility_async("get_metrics")
 
     # ---- requests (event loop) -------------------------------------------------------------
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams, prompt: str | None = None,
-                          arrival_time: float | None = None) -> RequestStream:
-        """Queue a request; returns once the engine accepted it.
-
-        Raises what the engine's add_request raised (ValueError for bad input), QueueFullError,
-        or EngineDeadError; in each case nothing is left queued.
-        """
+                          arrival_time: float | None = None, priority: int = 0,
+                          cache_salt: str | None = None) -> RequestStream:
+        """Queue a request. Raises ValueError for bad input, QueueFullError, or
+        EngineDeadError; in each case nothing is left queued."""
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if self.max_waiting is not None:
+            waiting = self.client.stats.get("num_requests_waiting", 0) + self._sent_since_stats
+            if waiting >= self.max_waiting:
+                raise QueueFullError(
+                    f"the server is busy: the waiting queue is full ({waiting} waiting, "
+                    f"max_waiting={self.max_waiting}); retry later")
+        req = self.validator.make_request(request_id, prompt, params, prompt_token_ids,
+                                          priority, arrival_time, cache_salt)
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
-        done = self._loop.create_future()
-        self._pending_adds.add(done)
-        self._post_to_engine(_Add(request_id, prompt, prompt_token_ids, params, arrival_time, done))
-        try:
-            await done
-        except asyncio.CancelledError:
-            # The add may still land after we stop waiting for it; the abort queued behind it
-            # (inbox order is kept) undoes it.
-            self._streams.pop(request_id, None)
-            self._post_to_engine(_Abort(request_id))
-            raise
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
-        finally:
-            self._pending_adds.discard(done)
+        self.output_processor.add_request(req, prompt)
+        self.client.add_request(req)
+        self._sent_since_stats += 1
         return stream
 
     def abort(self, request_id: str) -> None:
         """Stop a request; unknown or finished ids are ignored."""
         self._streams.pop(request_id, None)
-        if self._dead is None:
-            self._post_to_engine(_Abort(request_id))
+        self.output_processor.abort_request(request_id)
+        if self._dead is None and not self._stopping:
+            self.client.abort_requests([request_id])
 
     def _check_alive(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"the engine step loop died: {self._dead!r}")
-        if self._thread is None or self._stopping:
+            raise EngineDeadError(f"the engine core is dead: {self._dead}")
+        if self._reader is None or self._stopping:
             raise EngineDeadError("the engine is not running")
 
-    def _post_to_engine(self, cmd: _Add | _Abort) -> None:
-        self._inbox.append(cmd)
-        self._wakeup.set()
+    # ---- outputs (a task on the event loop) ------------------------------------------------
+    async def _output_loop(self) -> None:
+        client = self.client
+        try:
+            while True:
+                for msg in await client.get_output_async(busy=bool(self._streams)):
+                    if msg.stats is not None:
+                        self._sent_since_stats = 0
+                    if not msg.outputs:
+                        continue
+                    processed = self.output_processor.process_outputs(msg.outputs)
+                    client.abort_requests(processed.abort)
+                    client.finish_seqs(processed.finish_seqs)
+                    self._dispatch(processed.request_outputs)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if not isinstance(exc, EngineDeadError):
+                logger.exception("the engine's output loop failed")
+            else:
+                logger.error("%s", exc)
+            self._dead = exc
+            client.fail_calls(EngineDeadError(str(exc)))
+            self._fail_all(exc if isinstance(exc, EngineDeadError)
+                           else EngineDeadError(f"the engine's output loop failed: {exc!r}"))
+            client.shutdown(graceful=False)  # a dead or hung core gets no second chance
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -198,71 +244,14 @@ class AsyncLLMEngine:
             if out.finished:
                 del self._streams[out.request_id]
                 if out.error is None:
+                    self.stats["num_requests_finished_total"] += 1
                     self.metrics.observe_finished(out)
             stream.put(out)
 
     def _fail_all(self, exc: BaseException) -> None:
-        error = EngineDeadError(f"the engine step loop died: {exc!r}")
-        for stream in self._streams.values():
-            stream.put(error)
+        for request_id, stream in list(self._streams.items()):
+            stream.put(exc)
+            self.output_processor.abort_request(request_id)
         self._streams.clear()
-        for done in self._pending_adds:
-            if not done.done():
-                done.set_exception(error)
-
-    # ---- the step loop (its own thread) ----------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while not self._stopping:
-                # Clear before draining: an add that lands after the drain sets it again, so
-                # the wait below returns at once instead of sleeping on a queued request.
-                self._wakeup.clear()
-                self._drain_inbox()
-                if not engine.has_unfinished_requests():
-                    self._stats = engine.get_metrics()
-                    self._wakeup.wait(_IDLE_WAIT_S)
-                    continue
-                outputs = engine.step()
-                self._stats = engine.get_metrics()
-                if outputs:
-                    self._post_to_loop(self._dispatch, outputs)
-        except BaseException as exc:
-            logger.exception("the engine step loop died")
-            self._dead = exc
-            self._post_to_loop(self._fail_all, exc)
-
-    def _drain_inbox(self) -> None:
-        engine = self.engine
-        while self._inbox:
-            cmd = self._inbox.popleft()
-            if isinstance(cmd, _Abort):
-                engine.abort_request(cmd.request_id)
-                continue
-            error: BaseException | None = None
-            try:
-                if self.max_waiting is not None and len(engine.scheduler.waiting) >= self.max_waiting:
-                    raise QueueFullError(
-                        f"the server is busy: the waiting queue is full ("
-                        f"{len(engine.scheduler.waiting)} waiting, max_waiting="
-                        f"{self.max_waiting}); retry later")
-                engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.prompt_token_ids,
-                                   arrival_time=cmd.arrival_time)
-            except Exception as exc:  # a bad request must not take the loop down
-                error = exc
-            self._post_to_loop(_resolve, cmd.done, error)
-
-    def _post_to_loop(self, fn, *args) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the event loop is closed: the server is shutting down
 
 
-def _resolve(done: asyncio.Future, error: BaseException | None) -> None:
-    if done.done():
-        return  # the waiter was cancelled
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagedllm.core.sequence import Sequence, SequenceGroup, SequenceStatus
-from pagedllm.sampling_params import BeamSearchParams, SamplingParams
+from pagedllm.core.sequence import Sequence
 
 
 @dataclass(slots=True)
@@ -89,53 +88,3 @@ class BeamState:
 
     def results(self) -> list[Hypothesis]:
         return sorted(self.finished, key=lambda h: -h.score)
-
-
-class BeamSearchMixin:
-    """The engine's side of beam search (LLMEngine inherits it): queue a search as one group,
-    and apply each beam step's decision to the block tables through fork and free."""
-
-    def add_beam_search_request(
-        self, request_id: str, prompt: str | None, params: BeamSearchParams,
-        prompt_token_ids: list[int] | None = None,
-    ) -> None:
-        """Queue a beam search: one group whose sequences are the live beams."""
-        if not isinstance(params, BeamSearchParams):
-            raise ValueError(f"expected BeamSearchParams, got {type(params).__name__}")
-        ids = self.prompt_ids(prompt, prompt_token_ids)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
-        eos = set() if params.ignore_eos else set(self.eos_token_ids)
-        state = BeamState(params.beam_width, max_tokens, params.length_penalty, eos)
-        # The sampler only has to return each beam's top-K raw logprobs; the beam step picks.
-        inner = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                               logprobs=state.num_candidates, detokenize=False)
-        self.add_request(request_id, prompt, inner, ids)
-        self.groups[request_id].data.beam = state
-
-    def _beam_step(self, group: SequenceGroup, now: float) -> bool:
-        """Run a beam step once every live beam has new logits; True if the group changed."""
-        state: BeamState = group.data.beam
-        beams = group.live_seqs()
-        if any(b.seq_id not in state.pending for b in beams):
-            return False
-        if group.data.first_token_time is None:
-            group.data.first_token_time = now
-            self.stats["prompt_tokens_total"] += beams[0].num_prompt_tokens
-        decision = state.step(beams)
-        for beam in decision.drop:  # dropped beams free their blocks at once
-            self.scheduler.finish_seq(beam, SequenceStatus.FINISHED_STOPPED)
-        children: dict[int, list[tuple[int, float]]] = {}
-        for parent, token, score in decision.extend:
-            children.setdefault(id(parent), []).append((token, score))
-        for parent in {id(p): p for p, _, _ in decision.extend}.values():
-            picks = children[id(parent)]
-            # Fork before the parent's own token is appended: the children share its blocks.
-            targets = [parent] + [self._fork_seq(group, parent) for _ in picks[1:]]
-            for seq, (token, score) in zip(targets, picks):
-                seq.token_ids.append(token)
-                seq.cumulative_logprob = score
-        self.stats["generation_tokens_total"] += len(decision.extend)
-        # Finished beams live on only as hypotheses (one is kept: it holds the prompt).
-        group.seqs = group.live_seqs() or group.seqs[:1]
-        group.data.last_token_time = now
-        return True

@@ -25,9 +25,18 @@ class LLM:
         outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
+    def __init__(self, model: str | None = None, engine_core: str = "inproc",
+                 **kwargs: Any) -> None:
+        """engine_core: "inproc" (the core steps in this thread; fastest offline on a CPU,
+        measured in benchmarks/frontend_overhead.py), "process" (its own process, as
+        `pagedllm serve` runs it) or "thread" (behind ZeroMQ in a thread)."""
+        self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs),
+                                                     engine_core)
         self._counter = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine core (and its workers) now rather than at garbage collection."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -40,7 +49,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts.
 
-        A prompt is a string or {"prompt_token_ids": [...]}. If any prompt is invalid, a
+        A prompt is a string or {"prompt_token_ids": [...]} (either may add "cache_salt": a
+        prompt shares prefix-cache blocks only with prompts of the same salt). If any prompt is invalid, a
         ValueError is raised before anything runs, and the engine stays usable.
         """
         if isinstance(prompts, (str, dict)):
@@ -64,7 +74,8 @@ class LLM:
             for prompt, params in zip(prompts, sampling_params):
                 text, token_ids = self._parse_prompt(prompt)
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, text, params, token_ids)
+                salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+                engine.add_request(request_id, text, params, token_ids, cache_salt=salt)
                 ids.append(request_id)
         except Exception:
             for request_id in ids:  # all or nothing: a bad prompt queues nothing

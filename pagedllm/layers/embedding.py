@@ -13,6 +13,10 @@ from pagedllm.distributed.parallel_state import (
 
 
 class VocabParallelEmbedding(nn.Module):
+    """Rank r holds rows [r * V', (r + 1) * V') of the vocabulary, V' = ceil(vocab / tp); the
+    last rank's rows past the vocabulary are padding: zero, never looked up, and their logits
+    are cut off after the gather."""
+
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         tp = get_tp_size()
@@ -27,6 +31,9 @@ class VocabParallelEmbedding(nn.Module):
         part = loaded[self.vocab_start:self.vocab_start + self.vocab_per_rank]
         param.data.zero_()
         param.data[: part.shape[0]].copy_(part)  # the last rank's padding rows stay zero
+
+    def full_shards(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        return [(None, (self.vocab_size, param.shape[1]))]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if get_tp_size() == 1:

@@ -35,6 +35,7 @@ class ColumnParallelLinear(_PackedLinearMixin, nn.Module):
         tp = get_tp_size()
         assert output_size % tp == 0, f"output size {output_size} not divisible by tp={tp}"
         self.input_size = input_size
+        self.output_size = output_size
         self.output_size_per_rank = output_size // tp
         self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size),
                                    requires_grad=False)
@@ -48,6 +49,11 @@ class ColumnParallelLinear(_PackedLinearMixin, nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.shape[0]
         param.data.copy_(_shard(loaded, 0, size, get_tp_rank()))
+
+    def full_shards(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        """(shard_id, full checkpoint shape) of each tensor `weight_loader` takes for `param`:
+        what a loader of made-up weights must produce so that every tp sees the same model."""
+        return [(None, (self.output_size, *param.shape[1:]))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gemm.linear(x, self.weight, self.bias, self.packed_weight)
@@ -69,6 +75,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // tp
         param.data.narrow(0, offset, size).copy_(_shard(loaded, 0, size, get_tp_rank()))
 
+    def full_shards(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        return [(i, (size, *param.shape[1:])) for i, size in enumerate(self.output_sizes)]
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k, v projections fused; heads are split across ranks (KV heads replicated if fewer
@@ -80,6 +89,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp = get_tp_size()
         assert num_heads % tp == 0, f"{num_heads} heads not divisible by tp={tp}"
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = num_heads // tp
         self.num_kv_heads = max(1, num_kv_heads // tp)
         self.kv_replicas = max(1, tp // num_kv_heads)
@@ -94,6 +104,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         rank = get_tp_rank() if shard_id == "q" else get_tp_rank() // self.kv_replicas
         param.data.narrow(0, offset, size).copy_(_shard(loaded, 0, size, rank))
 
+    def full_shards(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        rest = tuple(param.shape[1:])
+        kv = self.total_num_kv_heads * self.head_dim
+        return [("q", (self.total_num_heads * self.head_dim, *rest)), ("k", (kv, *rest)),
+                ("v", (kv, *rest))]
+
 
 class RowParallelLinear(_PackedLinearMixin, nn.Module):
     """y = x W^T with W split by input columns; partial sums are all-reduced across ranks."""
@@ -102,6 +118,7 @@ class RowParallelLinear(_PackedLinearMixin, nn.Module):
         super().__init__()
         tp = get_tp_size()
         assert input_size % tp == 0, f"input size {input_size} not divisible by tp={tp}"
+        self.input_size = input_size
         self.weight = nn.Parameter(torch.empty(output_size, input_size // tp),
                                    requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -114,6 +131,11 @@ class RowParallelLinear(_PackedLinearMixin, nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.shape[1]
         param.data.copy_(_shard(loaded, 1, size, get_tp_rank()))
+
+    def full_shards(self, param: nn.Parameter) -> list[tuple[object, tuple[int, ...]]]:
+        if param is self.bias:
+            return [(None, tuple(param.shape))]
+        return [(None, (param.shape[0], self.input_size))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = tp_all_reduce(gemm.linear(x, self.weight, None, self.packed_weight))

@@ -2,8 +2,9 @@
 
 A step of an 8B model is ~500 kernels of a few microseconds each; launched from Python they
 cost several times the step itself unless the batch is large. A CUDA graph replays them with no
-launch overhead, but only on the tensors it was captured with, so every step writes its inputs
-into the same buffers, in the flat layout of model_runner.py, padded to a captured shape:
+launch overhead, but only on the tensors it was captured with, so every step copies its
+FlatBatch (worker/flat_batch.py, the one builder of a step's inputs) into the same buffers,
+padded to a captured shape:
 
   tokens  int64 [3, T'], T' = T rounded up to 16 (aligned rows for the Triton kernels):
           input ids, positions, slot_mapping, of which the first T (padded tokens) are used
@@ -59,6 +60,7 @@ from torch import nn
 
 from pagedllm.forward_context import AttentionMetadata, forward_context
 from pagedllm.layers.attention import Attention
+from pagedllm.worker.flat_batch import FlatBatch
 
 try:
     from pagedllm.ops.triton.paged_prefill import prefill_block_m
@@ -101,26 +103,23 @@ class StepShape(NamedTuple):
 
 @dataclass(slots=True)
 class StepInputs:
-    """One step written into the runner's buffers, as `prepare` returns it.
-
-    Entry i of the schedule owns input_ids[last_token_rows[i] - num_new_tokens + 1 ..
-    last_token_rows[i]]; its last token's row is also the hidden-state row sampled for it.
-    """
+    """One step copied into the runner's buffers, as `prepare` returns it: the FlatBatch's real
+    tokens and rows come first, in its order, then the padding."""
 
     shape: StepShape
     num_tokens: int  # real tokens (they come first)
     num_seqs: int  # real sequences
     input_ids: torch.Tensor  # [shape.num_tokens] int64 on the device: the step's token ids
-    last_token_rows: np.ndarray  # [num_seqs]: row of each entry's last token
     logits_indices: torch.Tensor | None  # [R] rows to sample; None: rows 0 .. num_seqs - 1
 
 
 class CudaGraphRunner:
     """Runs every CUDA step whose sequences fit max_rows and whose tokens fit the buffers.
 
-    `prepare(scheduled, sample_rows)` fills pinned host staging and copies it to the device
-    buffers (two copies); `run(step)` replays the graph of the step's shape (or runs the model
-    eagerly on the same buffers) and returns the hidden states of all its padded rows.
+    `prepare(batch)` copies a FlatBatch into pinned host staging, pads it, and starts the copy
+    to the device buffers (two copies); `run(step)` replays the graph of the step's shape (or
+    runs the model eagerly on the same buffers) and returns the hidden states of all its
+    padded rows.
     """
 
     def __init__(self, model: nn.Module, max_num_seqs: int, max_num_batched_tokens: int,
@@ -201,77 +200,53 @@ class CudaGraphRunner:
         assert rows >= num_seqs
         return rows
 
-    def can_run(self, scheduled) -> bool:
+    def can_run(self, batch: FlatBatch) -> bool:
         """Whether the step fits the buffers (else: the flat eager path of the model runner)."""
-        return (0 < len(scheduled) <= self.max_rows
-                and sum(e.num_new_tokens for e in scheduled) <= self.max_tokens)
+        return 0 < len(batch.seq_lens) <= self.max_rows and batch.num_tokens <= self.max_tokens
 
     # ---- inputs ------------------------------------------------------------------------------
-    def prepare(self, scheduled, sample_rows: list[int] | None = None) -> StepInputs:
-        """Write the scheduled chunks into the buffers (see the module docstring) and start
-        their copy to the device.
-
-        sample_rows: the entry behind each sampler row, possibly repeated (default: every
-        entry that samples, once)."""
-        n = len(scheduled)
-        t = sum(e.num_new_tokens for e in scheduled)
-        decode = t == n
+    def prepare(self, batch: FlatBatch) -> StepInputs:
+        """Copy the flat batch into the staging buffers, pad it to its step shape (see the
+        module docstring) and start the copy to the device."""
+        n, t = len(batch.seq_lens), batch.num_tokens
+        decode = batch.max_query_len == 1
         if decode:
             T = S = self.padded_size(n)
         else:
             T = self.token_bucket(t)
             S = n if T is None else self._padded_rows(T, t, n)
             T = t if T is None else T
-        bs = self.block_size
+        width = batch.block_tables.shape[1]
+        assert width <= self.max_blocks, f"a block table of {width} blocks > max_model_len"
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copies have read the staging
         st = _stride(T)
         ids, pos, slots = self._np_tokens[:3 * st].reshape(3, st)[:, :T]
-        seq_lens, qsl, tables = self._np_seq_lens, self._np_qsl, self._np_tables
-        k = 0
-        for i, e in enumerate(scheduled):
-            seq, table, q = e.seq, e.block_ids, e.num_new_tokens
-            p = seq.num_computed_tokens
-            if q == 1:  # scalar writes: most rows of a big batch are decode rows
-                ids[k] = seq.token_ids[p]
-                pos[k] = p
-                slots[k] = table[p // bs] * bs + p % bs
-            else:
-                r = np.arange(p, p + q)
-                ids[k:k + q] = seq.token_ids[p:p + q]
-                pos[k:k + q] = r
-                slots[k:k + q] = np.asarray(table)[r // bs] * bs + r % bs
-            tables[i, :len(table)] = table
-            seq_lens[i] = p + q
-            k += q
-            qsl[i + 1] = k
-        ids[t:] = 0
-        pos[t:] = 0
-        slots[t:] = -1
-        seq_lens[n:S] = 0
-        qsl[n + 1:S + 1] = t
+        ids[:t], ids[t:] = batch.input_ids, 0
+        pos[:t], pos[t:] = batch.positions, 0
+        slots[:t], slots[t:] = batch.slot_mapping, -1
+        self._np_seq_lens[:n], self._np_seq_lens[n:S] = batch.seq_lens, 0
+        self._np_qsl[:n + 1], self._np_qsl[n + 1:S + 1] = batch.query_start_loc, t
+        # Columns past `width` keep stale ids: no row reads past its own blocks.
+        self._np_tables[:n, :width] = batch.block_tables
         short = (decode and S <= SHORT_MAX_SIZE and self.short_blocks > 0
-                 and int(seq_lens[:n].max()) <= self.short_blocks * bs)
+                 and batch.max_seq_len <= self.short_blocks * self.block_size)
 
-        last = qsl[1:n + 1] - 1  # a new array: the staging is rewritten next step
-        if sample_rows is None:
-            sample_rows = [i for i, e in enumerate(scheduled) if e.samples]
-        used, logits_indices = 3 * st, None
-        if not decode or sample_rows != list(range(n)):
-            rows = last[sample_rows]
-            if used + len(rows) <= self._capacity:
+        # A decode step that samples every row once, in order, reads hidden[:n]: no gather.
+        rows, used, logits_indices = batch.logits_indices, 3 * st, None
+        if not (decode and np.array_equal(rows, np.arange(n))):
+            if used + len(rows) <= self._capacity:  # uploaded with the tokens: one copy
                 self._np_tokens[used:used + len(rows)] = rows
                 logits_indices = self._tokens[used:used + len(rows)]
                 used += len(rows)
             else:  # more sampler rows than tokens (n > 1 forks of tiny steps): rare
-                logits_indices = torch.from_numpy(rows.astype(np.int64)).to(self._tokens.device)
+                logits_indices = torch.from_numpy(rows).to(self._tokens.device)
         self._tokens[:used].copy_(self._host_tokens[:used], non_blocking=True)
         used = self._tables_at + n * self.max_blocks  # seq_lens, qsl, the first n tables
         self._ints[:used].copy_(self._host_ints[:used], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        return StepInputs(StepShape(T, S, decode, short), t, n, self._tokens[:T], last,
-                          logits_indices)
+        return StepInputs(StepShape(T, S, decode, short), t, n, self._tokens[:T], logits_indices)
 
     def _token_rows(self, T: int) -> torch.Tensor:
         """[3, T] device view: input ids, positions, slot_mapping of a T-token step."""

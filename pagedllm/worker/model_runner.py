@@ -1,13 +1,12 @@
 """Turns a SchedulerOutput into one flat forward pass and samples the next tokens.
 
-  flat batch (no padding between sequences), e.g. seq A prefilling 3 tokens, B and C decoding:
-    input_ids       [a5 a6 a7 | b9 | c2]          positions [5 6 7 | 9 | 2]
-    query_start_loc [0, 3, 4, 5]                  seq_lens  [8, 10, 3]
-    slot_mapping    one cache slot per token       logits_indices [2, 3, 4] (last of each)
+A step is planned on the host (`plan_step` -> StepPlan: cache plans + the flat batch of
+worker/flat_batch.py), run by every tensor-parallel rank (`run_plan`: cache plans, forward, LM
+head), and sampled by rank 0 only (`execute_plan` / `launch_plan`).
 
-On CUDA, steps go through worker/cuda_graph.py instead: the same flat layout in static buffers,
-padded to a captured shape (decode batch size, or token bucket for prefill and mixed steps) and
-replayed as a CUDA graph; the CPU path is the flat batch above, unchanged.
+On CUDA at tp = 1, the runner hands that same flat batch to worker/cuda_graph.py, which copies
+it into static buffers padded to a captured shape (decode batch size, or token bucket for
+prefill and mixed steps) and replays a CUDA graph; the CPU path runs the flat batch as it is.
 """
 
 from __future__ import annotations
@@ -15,17 +14,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler import SchedulerOutput
+from pagedllm.distributed.parallel_state import get_tp_size
 from pagedllm.forward_context import AttentionMetadata, forward_context
-from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, to_device
+from pagedllm.layers.attention import Attention
+from pagedllm.layers.sampler import (
+    Sampler, SamplerOutput, SamplingMetadata, compute_prompt_logprobs, to_device,
+)
 from pagedllm.loader import initialize_dummy_weights, iter_weights
 from pagedllm.models.registry import get_model_class
 from pagedllm.worker.cache_engine import CacheEngine, kv_block_bytes
 from pagedllm.worker.cuda_graph import CudaGraphRunner, token_buckets
+from pagedllm.worker.flat_batch import FlatBatch, ModelInputs, StepPlan, build_flat_batch
+
+__all__ = ["ModelInputs", "ModelRunner", "StepHandle", "StepPlan"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +83,16 @@ class StepHandle:
     ready: torch.cuda.Event | None
 
 
-@dataclass(slots=True)
-class ModelInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    attn_meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [N] rows of the hidden states that are sampled
-
-
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    """One tensor-parallel rank's model, KV cache and step execution (rank 0 also samples).
+
+    Build it after `init_tensor_parallel`: the layers read the tp size and rank when built.
+    """
+
+    def __init__(self, config: EngineConfig, device_index: int = 0) -> None:
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = torch.device("cuda", device_index) if config.device == "cuda" \
+            else torch.device(config.device)
         self.dtype = _DTYPES[config.model.dtype]
         self.block_size = config.cache.block_size
         torch.manual_seed(config.model.seed)
@@ -121,10 +124,10 @@ class ModelRunner:
         return model.eval()
 
     def block_bytes(self) -> int:
-        mc = self.config.model
-        tp = self.config.parallel.tensor_parallel_size
-        return kv_block_bytes(mc.num_layers, self.block_size, max(1, mc.num_kv_heads // tp),
-                              mc.head_dim, self.dtype)
+        """Bytes of one block on this rank: its own KV heads (replicated when tp > KV heads)."""
+        attn = next(m for m in self.model.modules() if isinstance(m, Attention))
+        return kv_block_bytes(self.config.model.num_layers, self.block_size, attn.num_kv_heads,
+                              attn.head_dim, self.dtype)
 
     def determine_num_blocks(self) -> int:
         """KV blocks that fit: the override, else a fixed CPU budget, else GPU memory profiling."""
@@ -215,7 +218,9 @@ class ModelRunner:
     def init_cache(self, num_blocks: int, num_cpu_blocks: int) -> None:
         self.cache_engine = CacheEngine(self.model, num_blocks, num_cpu_blocks, self.block_size,
                                         self.device, self.dtype)
-        if self.device.type == "cuda":
+        # NOTE: not at tp > 1: the other ranks get the flat batch of the plan, so rank 0 must
+        # run that same batch, and gloo/NCCL collectives are not captured (config.py says so).
+        if self.device.type == "cuda" and get_tp_size() == 1:
             sc = self.config.scheduler
             self.graph_runner = CudaGraphRunner(
                 self.model, sc.max_num_seqs, sc.max_num_batched_tokens, sc.max_model_len,
@@ -226,49 +231,45 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------
     def prepare_inputs(self, out: SchedulerOutput, sample_from: list[int] | None = None
                        ) -> ModelInputs:
-        bs = self.block_size
-        input_ids, positions, slots = [], [], []
-        query_start_loc, seq_lens, logits_indices = [0], [], []
-        max_blocks = max(len(e.block_ids) for e in out.scheduled)
-        block_tables = np.zeros((len(out.scheduled), max_blocks), dtype=np.int32)
-        for i, e in enumerate(out.scheduled):
-            start = e.seq.num_computed_tokens
-            end = start + e.num_new_tokens
-            pos = np.arange(start, end)
-            table = np.asarray(e.block_ids, dtype=np.int64)
-            block_tables[i, : len(table)] = table
-            input_ids.append(e.seq.token_ids[start:end])
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            query_start_loc.append(query_start_loc[-1] + e.num_new_tokens)
-            seq_lens.append(end)
-            if e.samples:
-                logits_indices.append(query_start_loc[-1] - 1)
-        dev = self.device
+        return build_flat_batch(out.scheduled, self.block_size, sample_from).to_device(self.device)
 
-        def tensor(x, dtype):
-            return torch.from_numpy(np.asarray(x)).to(dtype).to(dev, non_blocking=True)
-
-        meta = AttentionMetadata(
-            slot_mapping=tensor(np.concatenate(slots), torch.int64),
-            block_tables=tensor(block_tables, torch.int32),
-            seq_lens=tensor(np.asarray(seq_lens, dtype=np.int32), torch.int32),
-            query_start_loc=tensor(np.asarray(query_start_loc, dtype=np.int32), torch.int32),
-            max_query_len=max(e.num_new_tokens for e in out.scheduled),
-            max_seq_len=max(seq_lens),
-        )
-        ids = [t for chunk in input_ids for t in chunk]
-        if sample_from is not None:  # explicit rows; an entry may be sampled several times
-            logits_indices = [query_start_loc[i + 1] - 1 for i in sample_from]
-        return ModelInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
-            positions=tensor(np.concatenate(positions), torch.int64),
-            attn_meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64).to(
-                dev, non_blocking=True),
-        )
+    def plan_step(self, out: SchedulerOutput, sampling: SamplingMetadata | None,
+                  sample_from: list[int] | None = None,
+                  prompt_logprobs: dict[int, int] | None = None) -> StepPlan:
+        """The host side of a step (rank 0): what every rank runs (see StepPlan)."""
+        plan = StepPlan(out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy,
+                        num_tokens=out.num_batched_tokens,
+                        sample=sampling is not None and sampling.num_rows > 0)
+        if not out.scheduled:
+            return plan
+        plan.batch = build_flat_batch(out.scheduled, self.block_size, sample_from)
+        first_row = plan.batch.query_start_loc
+        for i, e in enumerate(out.scheduled if prompt_logprobs else ()):
+            seq, start = e.seq, e.seq.num_computed_tokens
+            # Position p's logits predict token p + 1; only prompt tokens get prompt logprobs.
+            end = min(start + e.num_new_tokens, seq.num_prompt_tokens - 1)
+            if seq.seq_id in prompt_logprobs and end > start:
+                plan.prompt_slices.append((i, start, int(first_row[i]), end - start))
+        return plan
 
     @torch.inference_mode()
+    def run_plan(self, plan: StepPlan, from_device: list[tuple[int, int, int]] = ()
+                 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Every rank's part of a step: cache plans, forward pass, LM head (a collective at
+        tp > 1). Returns (fp32 logits of the sampled rows or None, logits of each prompt
+        slice). from_device: see launch (rank 0 at tp = 1 only)."""
+        self.cache_engine.execute_plan(plan.blocks_to_swap_out, plan.blocks_to_swap_in,
+                                       plan.blocks_to_copy)
+        if not plan.num_tokens:
+            return None, []
+        hidden, sampled = self._forward(plan.batch, from_device)
+        logits = self.model.compute_logits(sampled).float() if plan.sample else None
+        if self.step_timer is not None:
+            self.step_timer.end()  # before the sampler's sync; its few small kernels idle
+        prompt_logits = [self.model.compute_logits(hidden[offset:offset + n]).float()
+                         for _, _, offset, n in plan.prompt_slices]
+        return logits, prompt_logits
+
     def execute(
         self,
         out: SchedulerOutput,
@@ -284,22 +285,24 @@ class ModelRunner:
         prompt_logprobs: seq_id -> k for sequences whose prompt logprobs are wanted; the result
         maps seq_id -> (first position, per-position rows from compute_prompt_logprobs).
         """
-        hidden, sampled = self._forward(out, sample_from, [])
-        if hidden is None:
-            return None, {}
-        result = None
-        if sampling is not None and sampling.num_rows:
-            logits = self.model.compute_logits(sampled).float()
-            if self.step_timer is not None:
-                self.step_timer.end()  # before the sampler's sync; its few small kernels idle
-            result = self.sampler(logits, sampling)
-        elif self.step_timer is not None:
-            self.step_timer.end()
-        prompt_rows = self._prompt_logprobs(out, hidden, prompt_logprobs) if prompt_logprobs \
-            else {}
-        return result, prompt_rows
+        plan = self.plan_step(out, sampling, sample_from, prompt_logprobs)
+        return self.execute_plan(plan, out, sampling, prompt_logprobs)
 
     @torch.inference_mode()
+    def execute_plan(self, plan: StepPlan, out: SchedulerOutput,
+                     sampling: SamplingMetadata | None, prompt_logprobs: dict[int, int] | None
+                     ) -> tuple[SamplerOutput | None, dict[int, list]]:
+        """execute() after planning (rank 0; the executor sends the plan to the other ranks)."""
+        logits, prompt_logits = self.run_plan(plan)
+        result = self.sampler(logits, sampling) if logits is not None else None
+        rows = {}
+        for (i, start, _, n), step_logits in zip(plan.prompt_slices, prompt_logits):
+            seq = out.scheduled[i].seq
+            nxt = torch.tensor(seq.token_ids[start + 1:start + n + 1], device=self.device)
+            rows[seq.seq_id] = (start, compute_prompt_logprobs(
+                step_logits, nxt, prompt_logprobs[seq.seq_id]))
+        return result, rows
+
     def launch(self, out: SchedulerOutput, sampling: SamplingMetadata | None,
                sample_from: list[int], from_device: list[tuple[int, int, int]]) -> StepHandle:
         """execute() for async scheduling: queue the step and return without waiting for it.
@@ -308,15 +311,16 @@ class ModelRunner:
         launched step's sampled row `row`; they are copied on the device, never read back.
         The sampled ids start their copy to pinned host memory at once; collect() waits.
         """
+        plan = self.plan_step(out, sampling, sample_from)
+        return self.launch_plan(plan, sampling, from_device)
+
+    @torch.inference_mode()
+    def launch_plan(self, plan: StepPlan, sampling: SamplingMetadata | None,
+                    from_device: list[tuple[int, int, int]]) -> StepHandle:
         assert sampling is None or sampling.max_num_logprobs is None, "logprobs run in sync"
-        hidden, sampled = self._forward(out, sample_from, from_device)
-        if hidden is None or sampling is None or not sampling.num_rows:
-            if hidden is not None and self.step_timer is not None:
-                self.step_timer.end()
+        logits, _ = self.run_plan(plan, from_device)
+        if logits is None:
             return StepHandle([], None, None)
-        logits = self.model.compute_logits(sampled).float()
-        if self.step_timer is not None:
-            self.step_timer.end()
         token_ids, _ = self.sampler.sample(logits, sampling)
         self._last_sampled = token_ids
         if token_ids.device.type != "cuda":
@@ -334,63 +338,46 @@ class ModelRunner:
             handle.token_ids = handle.host.tolist()
         return handle.token_ids
 
-    def _forward(self, out: SchedulerOutput, sample_from: list[int] | None,
-                 from_device: list[tuple[int, int, int]]
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Cache plans, inputs and the forward pass: (hidden states of every token, hidden
-        states of the sampler rows), or (None, None) for an empty step."""
-        self.cache_engine.execute_plan(out.blocks_to_swap_out, out.blocks_to_swap_in,
-                                       out.blocks_to_copy)
-        if not out.scheduled:
-            return None, None
-        timer = self.step_timer
-        graphs = self.graph_runner
-        if graphs is not None and graphs.can_run(out.scheduled):
-            step = graphs.prepare(out.scheduled, sample_from)
-            self._feed_sampled(step.input_ids, out, from_device)
+    def feed_on_host(self, plan: StepPlan, from_device: list[tuple[int, int, int]]) -> None:
+        """The host twin of _feed_sampled, for tp > 1: every rank must run the same input ids,
+        so the previous step's sampled ids are read back (a sync) and written into the plan."""
+        if not from_device:
+            return
+        starts, sampled = plan.batch.query_start_loc, self._last_sampled.tolist()
+        for i, offset, row in from_device:
+            plan.batch.input_ids[starts[i] + offset] = sampled[row]
+
+    def _forward(self, batch: FlatBatch, from_device: list[tuple[int, int, int]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and the forward pass: (hidden states of every token, hidden states of the
+        sampler rows). One flat batch, run as it is or through the CUDA-graph buffers."""
+        timer, graphs = self.step_timer, self.graph_runner
+        if graphs is not None and graphs.can_run(batch):  # CUDA at tp = 1: the batch, padded
+            step = graphs.prepare(batch)
+            self._feed_sampled(step.input_ids, batch, from_device)
             if timer is not None:
                 timer.begin()
-            hidden = graphs.run(step)  # [padded T, hidden], real tokens first in flat order
+            hidden = graphs.run(step)  # [padded T, hidden], real tokens first
             sampled = hidden[:step.num_seqs] if step.logits_indices is None \
                 else hidden[step.logits_indices]
             return hidden[:step.num_tokens], sampled
-        inputs = self.prepare_inputs(out, sample_from)
-        self._feed_sampled(inputs.input_ids, out, from_device)
+        inputs = batch.to_device(self.device)
+        self._feed_sampled(inputs.input_ids, batch, from_device)
         if timer is not None:
             timer.begin()
         with forward_context(inputs.attn_meta):
             hidden = self.model(inputs.input_ids, inputs.positions)  # [T, hidden]
         return hidden, hidden[inputs.logits_indices]
 
-    def _feed_sampled(self, input_ids: torch.Tensor, out: SchedulerOutput,
+    def _feed_sampled(self, input_ids: torch.Tensor, batch: FlatBatch,
                       from_device: list[tuple[int, int, int]]) -> None:
-        """Copy the previous step's sampled ids into this step's input ids, on the device.
-        Every path lays the real tokens out flat, in scheduled order, from index 0."""
+        """Copy the previous step's sampled ids into this step's input ids, on the device
+        (after the upload of the batch, which holds placeholders there). Both paths lay the
+        real tokens out as the flat batch does, from index 0."""
         if not from_device:
             return
-        starts, total = [], 0
-        for e in out.scheduled:
-            starts.append(total)
-            total += e.num_new_tokens
-        dst = [starts[i] + offset for i, offset, _ in from_device]
+        starts = batch.query_start_loc
+        dst = [int(starts[i]) + offset for i, offset, _ in from_device]
         src = [row for _, _, row in from_device]
         index = to_device([dst, src], torch.int64, self.device)  # no wait for the step in flight
         input_ids.index_copy_(0, index[0], self._last_sampled.index_select(0, index[1]))
-
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, wanted: dict) -> dict:
-        from pagedllm.layers.sampler import compute_prompt_logprobs
-
-        rows = {}
-        offset = 0
-        for e in out.scheduled:
-            seq, start = e.seq, e.seq.num_computed_tokens
-            k = wanted.get(seq.seq_id)
-            # Position p's logits predict token p + 1; only prompt tokens get prompt logprobs.
-            end = min(start + e.num_new_tokens, seq.num_prompt_tokens - 1)
-            if k is not None and end > start:
-                logits = self.model.compute_logits(hidden[offset:offset + end - start]).float()
-                nxt = torch.tensor(seq.token_ids[start + 1:end + 1], device=self.device)
-                rows[seq.seq_id] = (start, compute_prompt_logprobs(logits, nxt, k))
-            offset += e.num_new_tokens
-        return rows
-

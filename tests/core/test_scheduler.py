@@ -227,3 +227,27 @@ def test_group_prefix_hits_are_pinned_before_siblings_allocate():
     batch, _ = step(sched)
     assert batch == [(0, 1), (1, 1)]  # both start past their one-block hit
     assert bm.get_block_ids(0) == [1, 3] and bm.get_block_ids(1) == [0, 2]
+
+
+def test_parallel_sampling_forks_when_the_first_token_is_due():
+    sched, bm = make(block_size=4)
+    g = SequenceGroup("r", [Sequence(100, list(range(6)))], None, arrival_time=0, num_samples=3)
+    sched.add(g)
+    out = sched.schedule()
+    (entry,) = out.scheduled  # the prompt is prefilled once...
+    assert entry.seq.seq_id == 100 and entry.num_new_tokens == 6
+    assert [c.seq_id for c in entry.forks] == [0, 1]  # ...and forked while planned
+    assert [s.seq_id for s in g.seqs] == [100, 0, 1]
+    assert all(s.status is SequenceStatus.RUNNING for s in g.seqs)
+    assert all(c.num_computed_tokens == 6 for c in entry.forks)  # this step computes them
+    table = bm.get_block_ids(100)
+    assert [bm.get_block_ids(c.seq_id) for c in entry.forks] == [table, table]
+    assert [bm.pool.blocks[b].ref_cnt for b in table] == [3, 3]
+    sched.update_from_output(out)
+    for s in g.seqs:
+        s.token_ids.append(7)
+    out = sched.schedule()  # three decodes; the shared partial block is copied twice
+    assert [(e.seq.seq_id, e.num_new_tokens, e.forks) for e in out.scheduled] == \
+        [(100, 1, []), (0, 1, []), (1, 1, [])]
+    assert len(out.blocks_to_copy) == 2
+    bm.check_integrity()

@@ -52,7 +52,7 @@ def test_async_equals_sync_across_stop_conditions(default_llm, async_llm, chat_p
     reasons = {(c.finish_reason, type(c.stop_reason).__name__) for o in reference
                for c in o.outputs}
     assert {("stop", "NoneType"), ("stop", "str"), ("length", "NoneType")} <= reasons
-    async_llm.llm_engine.block_manager.check_integrity()
+    async_llm.llm_engine.engine_core.block_manager.check_integrity()
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -64,7 +64,7 @@ def test_async_forced_preemption_gives_the_same_tokens(mode, default_llm, chat_p
               **SMALL_ENGINE)
     assert summary(llm.generate(prompts, greedy, use_tqdm=False)) == summary(reference)
     assert llm.get_metrics()["num_preemptions_total"] > 0
-    llm.llm_engine.block_manager.check_integrity()
+    llm.llm_engine.engine_core.block_manager.check_integrity()
 
 
 def test_async_prefix_cache_hits_and_chunked_prefill(default_llm, chat_prompt_ids):
@@ -91,7 +91,7 @@ def test_streaming_outputs_never_show_placeholders(default_llm, async_llm, chat_
             assert PLACEHOLDER_TOKEN_ID not in ids
             assert ids[:len(seen.get(out.request_id, []))] == seen.get(out.request_id, [])
             seen[out.request_id] = list(ids)
-        overlapped |= engine._inflight is not None
+        overlapped |= engine.engine_core._inflight is not None
     assert overlapped, "async scheduling never had a step in flight"
     reference = default_llm.generate([{"prompt_token_ids": p} for p in chat_prompt_ids[:4]],
                                      params, use_tqdm=False)
@@ -105,14 +105,14 @@ def test_abort_while_a_step_is_in_flight_frees_everything(async_llm, chat_prompt
         engine.add_request(f"a{i}", None, params, prompt_token_ids=p)
     for _ in range(4):
         engine.step()
-    assert engine._inflight is not None
+    assert engine.engine_core._inflight is not None
     engine.abort_request("a1")
     engine.abort_request("a3")
     finished = set()
     while engine.has_unfinished_requests():
         finished |= {o.request_id for o in engine.step() if o.finished}
     assert finished == {"a0", "a2", "a4"}
-    bm = engine.block_manager
+    bm = engine.engine_core.block_manager
     bm.check_integrity()
     assert not bm.block_tables and bm.num_free_blocks == bm.pool.num_blocks
 
@@ -128,12 +128,12 @@ def test_sync_only_requests_switch_the_engine_to_sync_steps(default_llm, async_l
     got = async_llm.generate(prompts, params, use_tqdm=False)
     assert summary(got) == summary(reference)
     assert got[2].outputs[0].logprobs == reference[2].outputs[0].logprobs
-    assert async_llm.llm_engine._num_sync_groups == 0
+    assert async_llm.llm_engine.engine_core._num_sync_groups == 0
 
 
 def scheduled_batches(llm: LLM, prompts, params) -> list[list[tuple[int, int]]]:
     """(seq id, new tokens) of every step's schedule, while generating."""
-    sched = llm.llm_engine.scheduler
+    sched = llm.llm_engine.engine_core.scheduler
     batches, schedule = [], sched.schedule
 
     def record():
@@ -166,20 +166,21 @@ def test_length_limited_requests_run_the_batches_of_sync_steps(engine_kwargs, ch
 
 def test_server_engine_streams_and_aborts_with_async_steps(default_llm, async_llm,
                                                           chat_prompt_ids):
-    """AsyncLLMEngine (the server's loop) over an async-scheduling engine, as on a GPU:
+    """AsyncLLM (the server's frontend) over an async-scheduling core, as on a GPU:
     concurrent streams equal the synchronous answers, and closing a stream mid-way aborts the
     request and frees its blocks while other steps are in flight."""
     import asyncio
 
-    from pagedllm.engine.async_engine import AsyncLLMEngine
+    from pagedllm.engine.async_engine import AsyncLLM
 
     params = SamplingParams(temperature=0.0, max_tokens=24)
     prompts = chat_prompt_ids[:4]
     reference = default_llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                      use_tqdm=False)
+    frontend = async_llm.llm_engine
 
     async def main():
-        engine = AsyncLLMEngine(async_llm.llm_engine)
+        engine = AsyncLLM(frontend.config, frontend.tokenizer, engine_core="thread")
         engine.start()
         try:
             long = await engine.add_request(
@@ -192,12 +193,17 @@ def test_server_engine_streams_and_aborts_with_async_steps(default_llm, async_ll
 
             async def text(stream):
                 return "".join([o.outputs[0].delta_text async for o in stream])
-            return await asyncio.gather(*(text(s) for s in streams))
+            texts = await asyncio.gather(*(text(s) for s in streams))
+            assert await engine.check_integrity()
+            for _ in range(100):  # the abort lands in the core's next drain
+                metrics = await engine.get_core_metrics()
+                if metrics["kv_cache_usage_perc"] == 0.0:
+                    break
+                await asyncio.sleep(0.05)
+            return texts, metrics
         finally:
             engine.stop()
 
-    texts = asyncio.run(asyncio.wait_for(main(), timeout=300))
+    texts, metrics = asyncio.run(asyncio.wait_for(main(), timeout=300))
     assert texts == [o.outputs[0].text for o in reference]
-    bm = async_llm.llm_engine.block_manager
-    bm.check_integrity()
-    assert not bm.block_tables and not async_llm.llm_engine.has_unfinished_requests()
+    assert metrics["kv_cache_usage_perc"] == 0.0 and metrics["num_requests_running"] == 0

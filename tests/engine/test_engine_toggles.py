@@ -34,7 +34,7 @@ def test_chunked_prefill_gives_the_same_tokens(chat_prompt_ids, batched_referenc
     # A 16-token budget splits every prompt into several chunks, mixed with decodes.
     llm = LLM(max_num_batched_tokens=16, **SMALL_ENGINE)
     assert run(llm, chat_prompt_ids) == batched_reference
-    llm.llm_engine.block_manager.check_integrity()
+    llm.llm_engine.engine_core.block_manager.check_integrity()
 
 
 def test_prefix_caching_off_gives_the_same_tokens(chat_prompt_ids, batched_reference):
@@ -62,7 +62,7 @@ def test_forced_preemption_gives_the_same_tokens(mode, chat_prompt_ids, batched_
         assert m["num_swapped_out_blocks_total"] > 0
         assert m["num_swapped_in_blocks_total"] == m["num_swapped_out_blocks_total"]
     assert m["kv_cache_usage_perc"] == 0.0 and m["num_requests_running"] == 0
-    llm.llm_engine.block_manager.check_integrity()
+    llm.llm_engine.engine_core.block_manager.check_integrity()
 
 
 def test_request_larger_than_the_whole_cache_fails_clearly_and_others_finish(chat_prompt_ids):
@@ -74,3 +74,23 @@ def test_request_larger_than_the_whole_cache_fails_clearly_and_others_finish(cha
     assert outs[0].outputs[0].finish_reason == "abort"
     assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 4
     assert llm.get_metrics()["kv_cache_usage_perc"] == 0.0
+
+
+def test_cache_salt_separates_prefix_cache_tenants(chat_prompt_ids):
+    llm = LLM(**SMALL_ENGINE)
+    ids = chat_prompt_ids[0] * 3  # several full blocks
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+
+    def cached(salt):
+        prompt = {"prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})}
+        return llm.generate(prompt, params, use_tqdm=False)[0]
+
+    first = cached("tenant-a")
+    assert first.num_cached_tokens == 0
+    assert cached("tenant-b").num_cached_tokens == 0  # another tenant: no sharing
+    again = cached("tenant-a")
+    assert again.num_cached_tokens == (len(ids) - 1) // 16 * 16  # its own blocks are shared
+    assert cached(None).num_cached_tokens == 0  # unsalted requests share among themselves only
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    with pytest.raises(ValueError, match="cache_salt"):
+        llm.generate({"prompt_token_ids": ids, "cache_salt": ""}, params)

@@ -24,7 +24,7 @@ def test_n8_over_a_320_token_prompt_fits_48_blocks_only_by_sharing(chat_prompt_i
     peak_refs, peak_used = 0, 0
     while engine.has_unfinished_requests():
         outs = engine.step()
-        bm = engine.block_manager
+        bm = engine.engine_core.block_manager
         peak_refs = max(peak_refs, max(b.ref_cnt for b in bm.pool.blocks))
         peak_used = max(peak_used, bm.pool.num_blocks - bm.num_free_blocks)
         bm.check_integrity()
@@ -62,12 +62,12 @@ def test_forced_preemption_of_groups_and_beams_gives_the_same_outputs(
     if mode == "swap":
         assert m["num_swapped_out_blocks_total"] > 0
     assert m["kv_cache_usage_perc"] == 0.0
-    llm.llm_engine.block_manager.check_integrity()
+    llm.llm_engine.engine_core.block_manager.check_integrity()
 
 
 def test_default_preemption_swaps_groups_and_recomputes_singles(chat_prompt_ids):
     llm = LLM(num_gpu_blocks_override=14, **SMALL_ENGINE)
-    sched = llm.llm_engine.scheduler
+    sched = llm.llm_engine.engine_core.scheduler
     modes = []
     original = sched._preempt
 
@@ -118,10 +118,10 @@ def test_dropped_beams_free_their_blocks_at_once(chat_prompt_ids):
                                    chat_prompt_ids[2])
     while engine.has_unfinished_requests():
         engine.step()
-        bm = engine.block_manager
-        live = engine.groups["b"].live_seqs() if "b" in engine.groups else []
+        bm = engine.engine_core.block_manager
+        live = engine.engine_core.requests["b"].live_seqs() if "b" in engine.engine_core.requests else []
         # Only live beams hold blocks: no table survives for a dropped beam.
         assert set(bm.block_tables) == {s.seq_id for s in live}
         assert len(live) <= 4
         bm.check_integrity()
-    assert engine.block_manager.usage() == 0.0
+    assert engine.engine_core.block_manager.usage() == 0.0

@@ -1,216 +1,186 @@
-"""AsyncLLMEngine against a fake engine (no model): threading, errors, aborts, loop death."""
+"""The engine core behind ZeroMQ: in a process or a thread, against the in-process core.
+
+Tiny random Llama (2 layers, hidden 64): these tests are about processes, protocols and the
+frontend, so the model should cost nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import os
+import signal
 import time
 
 import pytest
 
-pytest.importorskip("prometheus_client")
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.async_engine import AsyncLLM, EngineDeadError, QueueFullError
+from pagedllm.engine.arg_utils import EngineArgs
 
-from pagedllm.engine.async_engine import (
-    AsyncLLMEngine, EngineDeadError, QueueFullError,
-)
-from pagedllm.outputs import CompletionOutput, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+ENGINE = dict(cpu_kv_cache_gib=0.05, swap_space=0.05, max_num_seqs=32)
 
 
-class _Scheduler:
-    def __init__(self) -> None:
-        self.waiting: list[str] = []
+def _workload():
+    return [
+        ("The capital of France is", SamplingParams(temperature=0.0, max_tokens=12)),
+        ("Hello, my name is", SamplingParams(temperature=0.9, seed=7, n=3, max_tokens=16)),
+        ("1, 2, 3,", SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=24, stop=[" a"])),
+        ("Once upon", SamplingParams(temperature=0.0, max_tokens=8, logprobs=3,
+                                     prompt_logprobs=2)),
+        ("Tell me", SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[13],
+                                   min_tokens=2)),
+    ]
 
 
-class FakeEngine:
-    """Emits one token ("t<i>") per step per request; records which threads call it."""
-
-    max_model_len = 64
-    vocab_size = 100
-    tokenizer = None
-
-    def __init__(self, step_delay: float = 0.0) -> None:
-        self.scheduler = _Scheduler()
-        self.running: dict[str, list] = {}  # id -> [params, tokens so far, arrival]
-        self.threads: set[str] = set()
-        self.aborted: list[str] = []
-        self.crash = False
-        self.step_delay = step_delay
-        # While a gate is given and not yet set, steps emit nothing: the test holds requests
-        # alive while it probes (blocking here instead would also stall the engine's inbox).
-        self.gate: threading.Event | None = None
-
-    def _touch(self) -> None:
-        self.threads.add(threading.current_thread().name)
-
-    def add_request(self, request_id, prompt, params, prompt_token_ids=None, priority=0,
-                    arrival_time=None) -> None:
-        self._touch()
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty")
-        self.scheduler.waiting.append(request_id)
-        self.running[request_id] = [params, [], arrival_time]
-
-    def abort_request(self, request_id: str) -> None:
-        self._touch()
-        self.aborted.append(request_id)
-        self.running.pop(request_id, None)
-        if request_id in self.scheduler.waiting:
-            self.scheduler.waiting.remove(request_id)
-
-    def has_unfinished_requests(self) -> bool:
-        self._touch()
-        return bool(self.running)
-
-    def get_metrics(self) -> dict:
-        return {"num_requests_running": len(self.running), "generation_tokens_total": 0}
-
-    def step(self) -> list[RequestOutput]:
-        self._touch()
-        if self.crash:
-            raise RuntimeError("boom")
-        if self.gate is not None and not self.gate.is_set():
-            time.sleep(0.001)
-            return []
-        time.sleep(self.step_delay)
-        self.scheduler.waiting.clear()
-        outs = []
-        now = time.monotonic()
-        for rid, (params, tokens, arrival) in list(self.running.items()):
-            tokens.append(len(tokens))
-            done = len(tokens) >= params.max_tokens
-            text = "".join(f"t{t}" for t in tokens)
-            outs.append(RequestOutput(
-                rid, None, [1], [CompletionOutput(0, text, list(tokens), None, None,
-                                                  "length" if done else None,
-                                                  delta_text=f"t{tokens[-1]}")],
-                done, metrics={"arrival_time": arrival, "first_token_time": now,
-                               "last_token_time": now}))
-            if done:
-                del self.running[rid]
-        return outs
+def _summary(outs):
+    return [(o.prompt_token_ids, [(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+                                   c.logprobs) for c in o.outputs], o.prompt_logprobs)
+            for o in outs]
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, **ENGINE)
+    prompts, params = zip(*_workload())
+    return _summary(llm.generate(list(prompts), list(params), use_tqdm=False))
 
 
-def test_streams_outputs_in_order_on_one_engine_thread():
-    fake = FakeEngine()
+@pytest.mark.parametrize("placement", ["process", "thread"])
+def test_offline_core_behind_zmq_equals_in_process(tiny_llama_dir, reference, placement):
+    llm = LLM(tiny_llama_dir, engine_core=placement, **ENGINE)
+    try:
+        prompts, params = zip(*_workload())
+        assert _summary(llm.generate(list(prompts), list(params), use_tqdm=False)) == reference
+        m = llm.get_metrics()
+        assert m["num_requests_running"] == 0 and m["kv_cache_usage_perc"] == 0.0
+        assert llm.llm_engine.check_integrity()
+    finally:
+        llm.shutdown()
 
+
+def _async_llm(path, **kwargs) -> AsyncLLM:
+    return AsyncLLM.from_engine_args(EngineArgs(model=path, **ENGINE), **kwargs)
+
+
+async def _idle_core(engine: AsyncLLM) -> dict:
+    """The core's counters once aborts have landed (they arrive with its next drain)."""
+    for _ in range(200):
+        m = await engine.get_core_metrics()
+        if m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0:
+            return m
+        await asyncio.sleep(0.02)
+    return m
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout=timeout))
+
+
+def test_async_streams_equal_offline_and_closed_streams_free_blocks(tiny_llama_dir, reference):
     async def main():
-        engine = AsyncLLMEngine(fake)
+        engine = _async_llm(tiny_llama_dir)
         engine.start()
         try:
-            a = await engine.add_request("a", [1, 2], SamplingParams(max_tokens=3))
-            b = await engine.add_request("b", [1], SamplingParams(max_tokens=5))
-            texts_a = [o.outputs[0].delta_text async for o in a]
-            texts_b = [o.outputs[0].delta_text async for o in b]
-            return texts_a, texts_b, engine.get_metrics()
-        finally:
-            engine.stop()
+            # Long streams that the client closes part-way (a disconnect).
+            doomed = [await engine.add_request(
+                f"long{i}", list(range(100, 140 + i)),
+                SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+                for i in range(6)]
+            streams = [await engine.add_request(f"r{i}", None, params, prompt=prompt)
+                       for i, (prompt, params) in enumerate(_workload())]
+            for k, stream in enumerate(doomed):
+                for _ in range(k):
+                    await stream.__anext__()
+                stream.close()
 
-    texts_a, texts_b, _ = run(main())
-    assert texts_a == ["t0", "t1", "t2"]
-    assert texts_b == ["t0", "t1", "t2", "t3", "t4"]
-    assert fake.threads == {"pagedllm-engine"}  # the event loop never touched the engine
-
-
-def test_bad_request_raises_and_others_continue():
-    fake = FakeEngine()
-    fake.gate = threading.Event()  # "good" cannot finish before the duplicate id is tried
-
-    async def main():
-        engine = AsyncLLMEngine(fake)
-        engine.start()
-        try:
-            good = await engine.add_request("good", [1], SamplingParams(max_tokens=2))
-            with pytest.raises(ValueError, match="empty"):
-                await engine.add_request("bad", [], SamplingParams())
-            with pytest.raises(ValueError, match="already in use"):
-                await engine.add_request("good", [1], SamplingParams())
-            fake.gate.set()
-            return [o.finished async for o in good]
-        finally:
-            fake.gate.set()
-            engine.stop()
-
-    assert run(main()) == [False, True]
-
-
-def test_queue_full():
-    async def main():
-        engine = AsyncLLMEngine(FakeEngine(), max_waiting=0)
-        engine.start()
-        try:
-            with pytest.raises(QueueFullError):
-                await engine.add_request("a", [1], SamplingParams())
-            return engine.get_metrics()
-        finally:
-            engine.stop()
-
-    assert run(main())["num_requests_running"] == 0
-
-
-def test_close_aborts_in_the_engine():
-    fake = FakeEngine(step_delay=0.01)
-
-    async def main():
-        engine = AsyncLLMEngine(fake)
-        engine.start()
-        try:
-            stream = await engine.add_request("long", [1], SamplingParams(max_tokens=10_000))
-            await stream.__anext__()
-            stream.close()
-            rest = [o async for o in stream]  # a closed stream ends at once
-            for _ in range(200):
-                if not fake.running:
-                    break
-                await asyncio.sleep(0.01)
-            return rest
-        finally:
-            engine.stop()
-
-    assert run(main()) == []
-    assert fake.aborted == ["long"] and not fake.running
-
-
-def test_step_loop_death_fails_pending_and_new_requests():
-    fake = FakeEngine(step_delay=0.01)
-
-    async def main():
-        engine = AsyncLLMEngine(fake)
-        engine.start()
-        try:
-            stream = await engine.add_request("a", [1], SamplingParams(max_tokens=10_000))
-            await stream.__anext__()
-            assert engine.is_healthy
-            fake.crash = True
-            with pytest.raises(EngineDeadError, match="boom"):
-                async for _ in stream:
+            async def last(stream):
+                out = None
+                async for out in stream:
                     pass
-            assert not engine.is_healthy
-            with pytest.raises(EngineDeadError):
-                await engine.add_request("b", [1], SamplingParams())
+                return out
+            outs = await asyncio.gather(*(last(s) for s in streams))
+            assert await engine.check_integrity()
+            return outs, await _idle_core(engine)
+        finally:
+            engine.stop()
+
+    outs, metrics = run(main())
+    assert _summary(outs) == reference
+    assert metrics["kv_cache_usage_perc"] == 0.0 and metrics["num_requests_running"] == 0
+
+
+def test_bad_requests_raise_and_others_continue(tiny_llama_dir):
+    async def main():
+        engine = _async_llm(tiny_llama_dir, engine_core="thread")
+        engine.start()
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=4)
+            with pytest.raises(ValueError, match="prompt must not be empty"):
+                await engine.add_request("a", [], params)
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                await engine.add_request("b", [1, 10**9], params)
+            good = await engine.add_request("c", [5, 6, 7], params)
+            with pytest.raises(ValueError, match="already in use"):
+                await engine.add_request("c", [5, 6, 7], params)
+            outs = [o async for o in good]
+            assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
         finally:
             engine.stop()
 
     run(main())
 
 
-def test_http_health_503_after_loop_death():
-    from starlette.testclient import TestClient
+def test_queue_full_is_refused_at_the_door(tiny_llama_dir):
+    async def main():
+        engine = _async_llm(tiny_llama_dir, engine_core="thread", max_waiting=0)
+        engine.start()
+        try:
+            with pytest.raises(QueueFullError, match="max_waiting=0"):
+                await engine.add_request("a", [5, 6], SamplingParams(max_tokens=2))
+        finally:
+            engine.stop()
 
-    from pagedllm.entrypoints.openai.api_server import build_app
+    run(main())
 
-    fake = FakeEngine(step_delay=0.01)
-    engine = AsyncLLMEngine(fake)
-    app = build_app(engine, "fake", "/nowhere")
-    with TestClient(app) as client:
-        assert client.get("/health").status_code == 200
-        fake.crash = True
-        resp = client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4})
-        assert resp.status_code == 503 and "boom" in resp.json()["error"]["message"]
-        assert client.get("/health").status_code == 503
-        resp = client.post("/v1/completions", json={"prompt": [1, 2]})
-        assert resp.status_code == 503
+
+def _children_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, merely not reaped yet
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_dead_or_hung_core_fails_every_stream_within_seconds(tiny_llama_dir, how):
+    async def main():
+        engine = _async_llm(tiny_llama_dir, engine_timeout_s=3.0)
+        engine.start()
+        pid = engine.client.handle.pid
+        params = SamplingParams(temperature=0.0, max_tokens=100000 // 200, ignore_eos=True)
+        streams = [await engine.add_request(f"r{i}", list(range(10, 30)), params)
+                   for i in range(4)]
+        for _ in range(4):  # the core is decoding (its first decode loads the CPU kernel)
+            await streams[0].__anext__()
+        os.kill(pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        t0 = time.monotonic()
+
+        async def drain(stream):
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+        await asyncio.gather(*(drain(s) for s in streams))
+        elapsed = time.monotonic() - t0
+        assert not engine.is_healthy
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("late", [5, 6], params)
+        engine.stop()
+        return elapsed, pid
+
+    elapsed, pid = run(main(), timeout=60)
+    assert elapsed < (2.0 if how == "kill" else 6.0)
+    deadline = time.monotonic() + 5
+    while _children_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _children_alive(pid), "the hung core was left running"

@@ -319,6 +319,12 @@ def test_invalid_value_is_400(http, body, field):
     assert err["type"] == "invalid_request_error"
 
 
+def test_cache_salt_is_taken_and_checked(http):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": 0}
+    assert http.post("/v1/completions", json={**body, "cache_salt": "tenant-a"}).status_code == 200
+    assert_error(http.post("/v1/completions", json={**body, "cache_salt": ""}), 400, "cache_salt")
+
+
 def test_invalid_values_with_openai_client(client):
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model=MODEL, messages=chat("hi"), top_logprobs=2)

@@ -142,7 +142,7 @@ def test_cuda_graphs_and_eager_give_identical_tokens(tiny_llama, engine_kwargs):
     results = {}
     for eager in (False, True):
         llm = make_llm(path, enforce_eager=eager, **engine_kwargs)
-        runner = llm.llm_engine.runner.graph_runner
+        runner = llm.llm_engine.engine_core.executor.runner.graph_runner
         shapes = set(runner.graph_shapes())
         assert set(runner.graphs) == (set() if eager else shapes)
         sc = llm.llm_engine.config.scheduler
@@ -160,7 +160,7 @@ def test_cuda_graphs_and_eager_give_identical_tokens(tiny_llama, engine_kwargs):
             assert llm.get_metrics()["num_preemptions_total"] > 0
         else:
             assert llm.get_metrics()["prefix_cache_hits_total"] > 0
-        llm.llm_engine.block_manager.check_integrity()
+        llm.llm_engine.engine_core.block_manager.check_integrity()
         del llm, runner
         free_gpu()
     assert results[False] == results[True]
@@ -195,7 +195,7 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(tiny_llama, engi
                                      for o in outs]
         if "num_gpu_blocks_override" in kwargs:
             assert llm.get_metrics()["num_preemptions_total"] > 0
-        llm.llm_engine.block_manager.check_integrity()
+        llm.llm_engine.engine_core.block_manager.check_integrity()
         del llm
         free_gpu()
     reasons = [r for _, r in results[False]]
@@ -213,7 +213,7 @@ def test_mixed_graphs_match_the_flat_batch(tiny_llama):
     for flat in (False, True):
         llm = make_llm(path, max_num_batched_tokens=128)
         if flat:  # the flat batch of prepare_inputs, as on a CPU
-            llm.llm_engine.runner.graph_runner = None
+            llm.llm_engine.engine_core.executor.runner.graph_runner = None
         outs[flat] = generate(llm, prompts, logprobs=5)
         del llm
         free_gpu()
@@ -232,7 +232,7 @@ def test_kv_cache_is_sized_from_gpu_memory_utilization(tiny_llama, caplog):
     free, total = torch.cuda.mem_get_info()
     used = (total - free) / total
     num_blocks = llm.get_metrics()["num_gpu_blocks"]
-    block_bytes = llm.llm_engine.runner.block_bytes()
+    block_bytes = llm.llm_engine.engine_core.executor.runner.block_bytes()
     print(f"used {used:.3f} of the GPU at gpu_memory_utilization {util}; {num_blocks} blocks")
     assert "GPU memory:" in caplog.text and f"{num_blocks} blocks" in caplog.text
     # The KV cache takes nearly all of util * total (the model and activations are small).

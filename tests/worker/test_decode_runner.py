@@ -3,8 +3,9 @@
 The engine uses CudaGraphRunner on CUDA only, but its input layout (padding rows and tokens,
 slots, ragged block tables written into static buffers) is plain indexing: run eagerly on a CPU
 device (the PyTorch twins) it must give the same hidden states and the same KV-cache writes as
-the flat batch of prepare_inputs. (fp32 GEMMs of another row count may round differently, hence
-a tolerance on hidden states; the KV writes of the padded rows are checked exactly: none.)
+the flat batch of prepare_inputs, whose arrays it copies. (fp32 GEMMs of another row count may
+round differently, hence a tolerance on hidden states; the KV writes of the padded rows are
+checked exactly: none.)
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import pytest
 import torch
 
 from pagedllm.core.scheduler import ScheduledSeq, SchedulerOutput
-from pagedllm.core.sequence import Sequence, SequenceGroup
+from pagedllm.core.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceGroup
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.forward_context import forward_context
 from pagedllm.ops.triton.paged_prefill import prefill_block_m
 from pagedllm.worker import cuda_graph
 from pagedllm.worker.cuda_graph import CudaGraphRunner, StepShape, capture_sizes, token_buckets
+from pagedllm.worker.flat_batch import build_flat_batch
 from pagedllm.worker.model_runner import ModelRunner
 
 BLOCK = 16
@@ -87,6 +89,11 @@ def make_seqs(lengths: list[int], seed: int = 0) -> list[ScheduledSeq]:
     return entries
 
 
+def graph_inputs(graphs, entries, sample_from=None):
+    """The graph runner's inputs: the one flat batch, copied into its buffers."""
+    return graphs.prepare(build_flat_batch(entries, BLOCK, sample_from))
+
+
 def flat_forward(runner, out: SchedulerOutput) -> torch.Tensor:
     inputs = runner.prepare_inputs(out)
     with forward_context(inputs.attn_meta):
@@ -125,10 +132,9 @@ def test_padded_decode_equals_the_flat_batch(runner):
 
     runner.cache_engine.kv.copy_(kv_before)
     graphs = make_runner(runner)
-    step = graphs.prepare(entries)
+    step = graph_inputs(graphs, entries)
     assert step.shape == StepShape(8, 8, decode=True, short=True)
     assert (step.num_tokens, step.num_seqs, step.logits_indices) == (5, 5, None)
-    assert step.last_token_rows.tolist() == [0, 1, 2, 3, 4]
     assert graphs._token_rows(8)[2, 5:].tolist() == [-1, -1, -1]  # padding writes nothing
     assert graphs.seq_lens[5:8].tolist() == [0, 0, 0]
     padded = graphs.run(step)
@@ -141,7 +147,7 @@ def test_padded_decode_equals_the_flat_batch(runner):
     runner.cache_engine.kv.copy_(kv_before)
     sub = SchedulerOutput(scheduled=entries[1:3])
     flat = flat_forward(runner, sub)
-    step = graphs.prepare(sub.scheduled, [1, 1, 0])  # rows to sample, one of them twice
+    step = graph_inputs(graphs, sub.scheduled, [1, 1, 0])  # rows to sample, one of them twice
     assert step.shape.num_tokens == 2 and step.logits_indices.tolist() == [1, 1, 0]
     torch.testing.assert_close(graphs.run(step)[:2], flat, rtol=1e-5, atol=1e-5)
     # The full-width window gives the same result as the short one.
@@ -172,13 +178,12 @@ def test_padded_mixed_step_equals_the_flat_batch(runner):
 
     graphs = make_runner(runner)
     rows = [0, 1, 2, 3, 4, 4]  # entry 5 does not sample; entry 4 samples twice (n = 2)
-    step = graphs.prepare(entries, rows)
+    step = graph_inputs(graphs, entries, rows)
     T, S = step.shape.num_tokens, step.shape.num_seqs
     assert (T, step.shape.decode) == (64, False) and step.num_tokens == t
     # Padded rows keep the flat batch's tile size: 55 tokens over 6 rows with a group of 2.
     assert S >= 6 and prefill_block_m(T, S, 2) == prefill_block_m(t, 6, 2)
-    last = [0, 1, 31, 48, 50, 54]
-    assert step.last_token_rows.tolist() == last
+    last = [0, 1, 31, 48, 50, 54]  # each entry's last token's row
     assert step.logits_indices.tolist() == [last[i] for i in rows]
     tokens = graphs._token_rows(T)
     assert tokens[0, t:].eq(0).all() and tokens[1, t:].eq(0).all()
@@ -197,12 +202,12 @@ def test_padded_mixed_step_equals_the_flat_batch(runner):
 
     # Through the model runner: the same sampled rows and prompt logprobs as the flat path.
     runner.cache_engine.kv.copy_(kv_before)
-    flat_hidden, flat_sampled = runner._forward(out, rows, [])
+    flat_hidden, flat_sampled = runner._forward(runner.plan_step(out, None, rows).batch, [])
     _, flat_plp = runner.execute(out, None, {2: 3, 5: 3}, rows)
     runner.graph_runner = graphs
     try:
         runner.cache_engine.kv.copy_(kv_before)
-        hidden, sampled = runner._forward(out, rows, [])
+        hidden, sampled = runner._forward(runner.plan_step(out, None, rows).batch, [])
         runner.cache_engine.kv.copy_(kv_before)
         _, plp = runner.execute(out, None, {2: 3, 5: 3}, rows)
     finally:
@@ -239,16 +244,54 @@ def test_steps_that_do_not_fit(runner, monkeypatch):
     entries = make_seqs([30, 9, 50, 17], seed=2)
     out = SchedulerOutput(scheduled=entries)
     # Too many tokens for the buffers: the flat path (the model runner checks can_run).
-    assert not make_runner(runner, max_num_batched_tokens=64).can_run(entries)
-    assert make_runner(runner, max_num_batched_tokens=106).can_run(entries)
+    batch = build_flat_batch(entries, BLOCK)
+    assert not make_runner(runner, max_num_batched_tokens=64).can_run(batch)
+    assert make_runner(runner, max_num_batched_tokens=106).can_run(batch)
     # Too many rows.
-    many = make_seqs([1] * 17, seed=3)
-    assert not make_runner(runner).can_run(many) and make_runner(runner).can_run(many[:16])
+    many, few = (build_flat_batch(make_seqs([1] * k, seed=3), BLOCK) for k in (17, 16))
+    assert not make_runner(runner).can_run(many) and make_runner(runner).can_run(few)
     # More tokens than the largest graph: eager on the same buffers, unpadded.
     monkeypatch.setattr(cuda_graph, "MAX_GRAPH_TOKENS", 64)
     graphs = make_runner(runner, max_num_batched_tokens=128)
     assert graphs.buckets == [16, 32, 64]
     flat = flat_forward(runner, out)
-    step = graphs.prepare(entries)
+    step = graph_inputs(graphs, entries)
     assert step.shape == StepShape(106, 4, decode=False, short=False)
     torch.testing.assert_close(graphs.run(step), flat, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3], ids=["decode", "mixed"])
+def test_tokens_fed_from_the_device_reach_every_path(runner, chunk):
+    """Async scheduling: an input token still a placeholder on the host is the previous step's
+    sampled row, copied on the device after the upload; the flat batch, the graph buffers and
+    the host feed of tp > 1 must all run the real token. chunk 3: the last entry re-runs its
+    last 3 tokens (a mixed step), the fed one last, as after a recompute preemption."""
+    entries = make_seqs([5, 12, 20], seed=4)
+    runner.execute(SchedulerOutput(scheduled=entries), None)  # the prompts, in the cache
+    for e, token in zip(entries, [11, 22, 33]):
+        e.seq.num_computed_tokens = e.seq.num_tokens
+        e.seq.append_token(token)
+        e.num_new_tokens = 1
+    entries[2].seq.num_computed_tokens -= chunk - 1
+    entries[2].num_new_tokens = chunk
+    out = SchedulerOutput(scheduled=entries)
+    kv_before = runner.cache_engine.kv.clone()
+    _, want = runner._forward(runner.plan_step(out, None).batch, [])
+    real = runner.plan_step(out, None).batch.input_ids.copy()
+
+    for e in entries[1:]:
+        e.seq.token_ids[-1] = PLACEHOLDER_TOKEN_ID
+    runner._last_sampled = torch.tensor([33, 99, 22])  # the previous step's rows
+    from_device = [(1, 0, 2), (2, chunk - 1, 0)]  # (entry, offset in its chunk, row)
+    plan = runner.plan_step(out, None)
+    assert (plan.batch.input_ids == PLACEHOLDER_TOKEN_ID).sum() == 2
+    for graphs in (None, make_runner(runner)):
+        runner.graph_runner = graphs
+        try:
+            runner.cache_engine.kv.copy_(kv_before)
+            _, got = runner._forward(runner.plan_step(out, None).batch, from_device)
+        finally:
+            runner.graph_runner = None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    runner.feed_on_host(plan, from_device)
+    assert plan.batch.input_ids.tolist() == real.tolist()

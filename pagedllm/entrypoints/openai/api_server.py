@@ -10,7 +10,6 @@ Errors use OpenAI's `{"error": {message, type, param, code}}`. With --api-key ev
 from __future__ import annotations
 
 import argparse
-import copy
 import hmac
 import json
 import logging
@@ -27,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import pagedllm
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.engine.async_engine import AsyncLLM
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.entrypoints.openai.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -52,6 +51,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the name clients pass as `model` (default: the model's basename)")
     parser.add_argument("--max-waiting", type=int, default=None,
                         help="answer 429 while this many requests already wait (default: no cap)")
+    parser.add_argument("--engine-core", default="process", choices=("process", "thread"),
+                        help="where the engine core's step loop runs: its own process (default; "
+                        "the HTTP event loop never waits on a model step) or a thread of the "
+                        "server's process")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
     return parser
@@ -99,14 +102,13 @@ async def _parse(raw: Request, model: type[BaseModel]):
         raise validation_error(exc) from None
 
 
-def build_app(engine: AsyncLLMEngine, model_name: str, model_path: str,
+def build_app(engine: AsyncLLM, model_name: str, model_path: str,
               api_key: str | None = None) -> FastAPI:
-    # The server's own tokenizer: the engine's is used by the step-loop thread, and a fast
-    # tokenizer may raise "Already borrowed" when two threads use it at once.
-    tokenizer = copy.deepcopy(engine.engine.tokenizer)
+    # Tokenization, templates and detokenization all run on this event loop's thread.
+    tokenizer = engine.tokenizer
     chat = OpenAIServingChat(engine, tokenizer, model_name)
     completion = OpenAIServingCompletion(engine, tokenizer, model_name)
-    max_model_len = engine.engine.max_model_len
+    max_model_len = engine.max_model_len
     started = int(time.time())
 
     @asynccontextmanager
@@ -141,7 +143,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, model_path: str,
     async def health() -> Response:
         if engine.is_healthy:
             return Response(status_code=200)
-        err = APIError(503, "the engine step loop is not running", type="service_unavailable_error")
+        err = APIError(503, "the engine core is not running", type="service_unavailable_error")
         return JSONResponse(err.to_dict(), status_code=503)
 
     @app.get("/version")
@@ -189,7 +191,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, model_path: str,
     async def detokenize(raw: Request) -> dict:
         request = await _parse(raw, DetokenizeRequest)
         chat.check_model(request.model)
-        vocab = engine.engine.vocab_size
+        vocab = engine.vocab_size
         bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})",
@@ -202,14 +204,12 @@ def build_app(engine: AsyncLLMEngine, model_name: str, model_path: str,
 def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from pagedllm.engine.llm_engine import LLMEngine
-
     if args.max_waiting is not None and args.max_waiting < 0:
         raise SystemExit("--max-waiting must be >= 0")
-    llm_engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+    engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args),
+                                       engine_core=args.engine_core, max_waiting=args.max_waiting)
     name = args.served_model_name or served_model_name(args.model)
-    engine = AsyncLLMEngine(llm_engine, max_waiting=args.max_waiting)
-    app = build_app(engine, name, llm_engine.config.model.model, args.api_key)
+    app = build_app(engine, name, engine.config.model.model, args.api_key)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                 timeout_graceful_shutdown=5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -97,6 +97,8 @@ class _SamplingRequest(OpenAIBaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for OpenAI compatibility; only echoed in logs
+    # vLLM's extension: requests with different salts never share prefix-cache blocks.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     ignore_eos: bool | None = False
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None

@@ -29,7 +29,7 @@ class OpenAIServingChat(OpenAIServing):
         num_logprobs = request.num_logprobs()
         params = self.make_params(lambda: request.to_sampling_params(max_tokens, num_logprobs))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self.add(request_id, prompt_ids, params, None, arrival)
+        stream = await self.add(request_id, prompt_ids, params, None, arrival, request.cache_salt)
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if request.stream:
             events = self._stream(stream, meta, params.n, num_logprobs, request.include_usage)

@@ -43,7 +43,8 @@ class OpenAIServingCompletion(OpenAIServing):
 
         try:
             for i, (text, ids) in enumerate(prompts):
-                streams.append(await self.add(f"{request_id}-{i}", ids, params, text, arrival))
+                streams.append(await self.add(f"{request_id}-{i}", ids, params, text, arrival,
+                                              request.cache_salt))
         except BaseException:
             close_all()
             raise

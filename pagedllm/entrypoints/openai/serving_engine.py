@@ -17,7 +17,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pagedllm.engine.async_engine import (
-    AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream,
+    AsyncLLM, EngineDeadError, QueueFullError, RequestStream,
 )
 from pagedllm.entrypoints.openai.protocol import APIError
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -51,12 +51,12 @@ def _field_named_in(message: str) -> str | None:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, tokenizer, model_name: str) -> None:
+    def __init__(self, engine: AsyncLLM, tokenizer, model_name: str) -> None:
         self.engine = engine
         # NOTE: the server's own tokenizer copy; the engine's belongs to the step-loop thread.
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.max_model_len = engine.engine.max_model_len
+        self.max_model_len = engine.max_model_len
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -86,10 +86,11 @@ class OpenAIServing:
             raise to_api_error(exc) from None
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                  prompt: str | None, arrival_time: float) -> RequestStream:
+                  prompt: str | None, arrival_time: float, cache_salt: str | None = None
+                  ) -> RequestStream:
         try:
             return await self.engine.add_request(request_id, prompt_token_ids, params, prompt,
-                                                 arrival_time)
+                                                 arrival_time, cache_salt=cache_salt)
         except Exception as exc:
             raise to_api_error(exc) from None
 

@@ -1,0 +1,460 @@
+"""EngineCore: the scheduler, the executor and the step loop. Token ids in, token ids out.
+
+    add_request(EngineCoreRequest) ─▶ Scheduler.schedule() ─▶ Executor.execute_model()
+        ─▶ tokens appended, stop ids / max_tokens / n>1 forks / beams ─▶ EngineCoreOutput deltas
+
+It owns every piece of request state that decides what runs next (sequence status, block
+tables, seeded generators, beams) and nothing about text: the frontend's OutputProcessor
+detokenizes, matches stop strings and tells the core to stop a sequence (`finish_seqs`).
+The same class runs in the caller's process (InprocClient) or in its own (core_proc.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from pagedllm.core.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedllm.engine.beam_search import BeamState
+from pagedllm.engine.protocol import BeamHypothesis, EngineCoreOutput, EngineCoreRequest, SeqDelta
+from pagedllm.executor import create_executor
+from pagedllm.layers.sampler import SamplingMetadata, TokenLogprobs
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("pagedllm")
+
+_LOG_INTERVAL_S = 5.0
+
+
+@dataclass(slots=True)
+class SeqState:
+    """Core-side state of one sequence (kept in Sequence.data; core/ never looks inside)."""
+
+    index: int  # position in its request, as the frontend numbers outputs
+    generator: torch.Generator | None
+    new_token_ids: list[int] = field(default_factory=list)  # not yet sent to the frontend
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    sent_finish: bool = False
+
+
+@dataclass(slots=True)
+class RequestState:
+    """Core-side state of one request (kept in SequenceGroup.data)."""
+
+    streams: bool  # send deltas every step (else only once, when finished)
+    started: bool = False  # its first token arrived (prompt tokens counted)
+    num_prompt_logprobs: int = 0  # prompt positions whose logprobs were computed
+    new_prompt_logprobs: list[TokenLogprobs] | None = None
+    error: str | None = None
+    beam: BeamState | None = None
+
+
+@dataclass(slots=True)
+class InflightStep:
+    """A launched step whose sampled tokens have not been read back yet (async scheduling)."""
+
+    out: SchedulerOutput
+    rows: list[tuple[int, Sequence]]
+    handle: object
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int]) -> None:
+        self.config = config
+        self.executor = create_executor(config)
+        cc = config.cache
+        num_blocks = self.executor.determine_num_blocks()
+        block_bytes = self.executor.block_bytes()
+        num_cpu_blocks = int(cc.swap_space * 2**30) // block_bytes
+        self.executor.init_cache(num_blocks, num_cpu_blocks)
+        self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching,
+                                          num_cpu_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.max_model_len = config.model.max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.requests: dict[str, SequenceGroup] = {}
+        self.stats = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
+                      "num_requests_failed_total": 0}
+        self._last_log = (time.monotonic(), 0, 0)
+        self._inflight: InflightStep | None = None
+        self._num_sync_groups = 0  # live requests that need synchronous steps
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB per rank) on %s, %d CPU swap "
+            "blocks", num_blocks, cc.block_size, num_blocks * cc.block_size,
+            num_blocks * block_bytes / 2**30, config.device, num_cpu_blocks)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a request the frontend validated. Raises ValueError (and changes nothing) if
+        its id is in use or its params are missing."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        beam = None
+        params = req.sampling_params
+        if req.beam_search_params is not None:
+            bp = req.beam_search_params
+            max_tokens = min(bp.max_tokens, self.max_model_len - len(req.prompt_token_ids))
+            beam = BeamState(bp.beam_width, max_tokens, bp.length_penalty,
+                             set() if bp.ignore_eos else set(self.eos_token_ids))
+            # The sampler only returns each beam's top-K raw logprobs; the beam step picks.
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                    logprobs=beam.num_candidates, detokenize=False)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
+        ids = req.prompt_token_ids
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        seq = Sequence(self.scheduler.new_seq_id(), ids)
+        seq.data = self._seq_state(0, params)
+        # Stop strings are matched by the frontend, which needs every token as it comes.
+        streams = params.output_kind != RequestOutputKind.FINAL_ONLY or bool(params.stop)
+        group = SequenceGroup(req.request_id, [seq], params, priority=req.priority,
+                              max_tokens=max_tokens, data=RequestState(streams, beam=beam),
+                              skip_prefix_cache=params.prompt_logprobs is not None,
+                              num_samples=params.n, cache_salt=req.cache_salt)
+        if req.arrival_time:
+            group.arrival_time = req.arrival_time
+        if params.prompt_logprobs is not None:
+            group.data.num_prompt_logprobs = 1  # position 0 has none
+        self.requests[req.request_id] = group
+        self._num_sync_groups += params.needs_sync_steps
+        self.scheduler.add(group)
+
+    def _seq_state(self, index: int, params: SamplingParams) -> SeqState:
+        gen = None
+        if params.seed is not None and not params.is_greedy:
+            # Sequence i of a request draws from seed + i: n > 1 samples differ, reproducibly.
+            gen = torch.Generator(device=self.executor.device).manual_seed(params.seed + index)
+        return SeqState(index, gen)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Stop requests now and free their blocks (unknown or finished ids are ignored)."""
+        for request_id in request_ids:
+            group = self.scheduler.abort(request_id)
+            if group is not None:
+                self._remove(group)
+                for seq in group.seqs:
+                    seq.drop_placeholders()
+
+    def finish_seqs(self, seqs: list[tuple[str, int]]) -> None:
+        """The frontend matched a stop string: end these (request id, index) sequences."""
+        for request_id, index in seqs:
+            group = self.requests.get(request_id)
+            seq = next((s for s in group.seqs if s.data.index == index), None) if group else None
+            if seq is None or seq.is_finished:
+                continue
+            seq.drop_placeholders()
+            self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED)
+            seq.data.sent_finish = True  # the frontend ended it; nothing more to say
+            if group.is_finished:
+                self.abort_requests([request_id])
+
+    def _remove(self, group: SequenceGroup) -> None:
+        """The one way out of the core for a request."""
+        if self.requests.pop(group.request_id, None) is not None:
+            self._num_sync_groups -= group.params.needs_sync_steps
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or self._inflight is not None
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        """One iteration: schedule, run, update; returns the deltas of requests that changed.
+
+        With async scheduling the device never waits for the host: each call plans and
+        launches step N+1 first, then reads back and processes step N (launched by the call
+        before), whose sampled tokens N+1 takes straight from device memory:
+
+            call k     schedule N+1 | launch N+1 | wait for N, process N  -> outputs of N
+            device     ...... N .............|...... N+1 ........................
+
+        A sequence that finishes in N (EOS, stop id) has one wasted row in N+1, dropped.
+        Requests that must see every token on the host before the next step is planned (beam
+        search, penalties, logprobs) switch the core to synchronous steps while they live.
+        """
+        if self.config.async_scheduling and not self._num_sync_groups:
+            return self._step_async()
+        if self._inflight is not None:
+            return self._drain()
+        return self._step_sync()
+
+    def _schedule(self) -> tuple[SchedulerOutput, list, list, SamplingMetadata | None]:
+        out = self.scheduler.schedule()
+        outputs = [self._fail(group, reason) for group, reason in out.rejected]
+        rows = self._sample_rows(out.scheduled)  # (entry index, sequence) per sampler row
+        sampling = self._sampling_metadata(out.scheduled, rows) if rows else None
+        return out, outputs, rows, sampling
+
+    def _step_sync(self) -> list[EngineCoreOutput]:
+        out, outputs, rows, sampling = self._schedule()
+        want_plp = {e.seq.seq_id: e.group.params.prompt_logprobs for e in out.scheduled
+                    if e.group.params.prompt_logprobs is not None
+                    and e.seq.num_computed_tokens < e.seq.num_prompt_tokens - 1}
+        result = self.executor.execute_model(out, sampling, [i for i, _ in rows], want_plp)
+        self.scheduler.update_from_output(out)
+        for e in out.scheduled:
+            if e.seq.seq_id in result.prompt_logprobs:
+                self._store_prompt_logprobs(e, *result.prompt_logprobs[e.seq.seq_id])
+        sampled = result.sampler_output
+        if sampled is None:
+            return outputs + self._process(out, rows, [], None)
+        return outputs + self._process(out, rows, sampled.sampled_token_ids, sampled.logprobs)
+
+    def _step_async(self) -> list[EngineCoreOutput]:
+        out, outputs, rows, sampling = self._schedule()
+        prev, self._inflight = self._inflight, None
+        if out.scheduled:
+            handle = self.executor.launch(out, sampling, [i for i, _ in rows],
+                                          self._inputs_from_device(out, prev))
+            for i, seq in rows:
+                seq.append_placeholder()  # the next step feeds it from the device
+                if self._samples_last_token(out.scheduled[i].group, seq):
+                    # Its last token is due: free its blocks and row now, as a synchronous
+                    # step would before planning the next one (step N is queued already, so
+                    # blocks reused later are written after it). Its token still arrives.
+                    self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_LENGTH)
+            self._inflight = InflightStep(out, rows, handle)
+        if prev is not None:
+            outputs += self._process(prev.out, prev.rows, self.executor.collect(prev.handle),
+                                     None)
+        # After N's tokens are resolved: the blocks this publishes hold no placeholder.
+        self.scheduler.update_from_output(out)
+        return outputs
+
+    def _drain(self) -> list[EngineCoreOutput]:
+        prev, self._inflight = self._inflight, None
+        return self._process(prev.out, prev.rows, self.executor.collect(prev.handle), None)
+
+    @staticmethod
+    def _inputs_from_device(out: SchedulerOutput, prev: InflightStep | None
+                            ) -> list[tuple[int, int, int]]:
+        """(entry, offset in its chunk, sampler row of the previous step) for every input
+        token of this step that is still a placeholder."""
+        if prev is None:
+            return []
+        row_of = {seq.seq_id: r for r, (_, seq) in enumerate(prev.rows)}
+        found = []
+        for i, e in enumerate(out.scheduled):
+            seq = e.seq
+            if seq.num_output_placeholders:
+                offset = seq.num_known_tokens - seq.num_computed_tokens
+                if offset < e.num_new_tokens:
+                    assert seq.num_output_placeholders == 1 and offset == e.num_new_tokens - 1
+                    found.append((i, offset, row_of[seq.seq_id]))
+        return found
+
+    def _samples_last_token(self, group: SequenceGroup, seq: Sequence) -> bool:
+        """Whether the token sampled now (its placeholder appended) is the sequence's last by
+        length, so that no later step needs it."""
+        return (seq.num_output_tokens >= group.max_tokens
+                or seq.num_tokens >= self.max_model_len)
+
+    def _process(self, out: SchedulerOutput, rows: list[tuple[int, Sequence]],
+                 tokens: list[int], logprobs: list | None) -> list[EngineCoreOutput]:
+        """Append each row's token, run stop checks and build the deltas of this step."""
+        touched: dict[str, SequenceGroup] = {}
+        beam_groups = {}
+        for r, (i, seq) in enumerate(rows):
+            if seq.is_finished and not seq.num_output_placeholders:
+                continue  # aborted while its step ran, or ended by an earlier step's token
+            group = out.scheduled[i].group
+            lp = logprobs[r] if logprobs else None
+            if group.data.beam is not None:  # beams pick their tokens together, below
+                group.data.beam.pending[seq.seq_id] = lp.top_logprobs
+                beam_groups[group.request_id] = group
+                continue
+            self._append_token(group, seq, tokens[r], lp)
+            touched[group.request_id] = group
+        for group in beam_groups.values():
+            self._beam_step(group)
+        for group in self.scheduler.remove_finished():
+            touched[group.request_id] = group
+            self._remove(group)
+        outputs = [o for g in touched.values() if (o := self._make_output(g)) is not None]
+        self._maybe_log()
+        return outputs
+
+    def _append_token(self, group: SequenceGroup, seq: Sequence, token: int,
+                      lp: TokenLogprobs | None) -> None:
+        params = group.params
+        self._count_first_token(group, seq)
+        self.stats["generation_tokens_total"] += 1
+        if seq.num_output_placeholders:
+            seq.resolve_placeholder(token, lp.logprob if lp is not None else 0.0)
+        else:
+            seq.append_token(token, lp.logprob if lp is not None else 0.0)
+        seq.data.new_token_ids.append(token)
+        if lp is not None:
+            seq.data.new_logprobs.append(lp)
+        num_known = seq.num_known_tokens  # a later step's placeholder may follow this token
+        status = None
+        if num_known - seq.num_prompt_tokens >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                status = SequenceStatus.FINISHED_STOPPED
+            elif token in (params.stop_token_ids or ()):
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        if status is None and (num_known - seq.num_prompt_tokens >= group.max_tokens
+                               or num_known >= self.max_model_len):
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            seq.drop_placeholders()
+            if seq.is_finished:  # finished by length when its step was launched
+                seq.status = status  # (EOS or a stop id in the last token wins)
+            else:
+                self.scheduler.finish_seq(seq, status)
+
+    def _count_first_token(self, group: SequenceGroup, seq: Sequence) -> None:
+        if not group.data.started:
+            group.data.started = True
+            self.stats["prompt_tokens_total"] += seq.num_prompt_tokens
+
+    def _make_output(self, group: SequenceGroup) -> EngineCoreOutput | None:
+        """The request's delta since its last one (None while it has nothing to say)."""
+        state: RequestState = group.data
+        done = group.is_done
+        if state.beam is not None:
+            if not done:
+                return None
+            return EngineCoreOutput(group.request_id, finished=True, beams=[
+                BeamHypothesis(h.token_ids, h.cum_logprob, h.ended_on_eos)
+                for h in state.beam.results()])
+        if not done and not state.streams:
+            return None  # FINAL_ONLY: tokens pile up in SeqState until the end
+        deltas = []
+        for seq in group.seqs:
+            d: SeqState = seq.data
+            finish = None if seq.num_output_placeholders or d.sent_finish \
+                else seq.status.finish_reason
+            if d.new_token_ids or finish is not None:
+                deltas.append(SeqDelta(d.index, d.new_token_ids, d.new_logprobs or None, finish,
+                                       seq.stop_reason if finish else None))
+                d.new_token_ids, d.new_logprobs = [], []
+                if finish is not None:
+                    d.sent_finish = True
+        plp, state.new_prompt_logprobs = state.new_prompt_logprobs, None
+        return EngineCoreOutput(group.request_id, deltas, done, plp, group.num_cached_tokens)
+
+    def _sample_rows(self, scheduled: list[ScheduledSeq]) -> list[tuple[int, Sequence]]:
+        """Which sequences sample this step, and from which entry's logits (a sequence the
+        scheduler forked for n > 1 samples from its parent's)."""
+        rows = []
+        for i, e in enumerate(scheduled):
+            if not e.samples:
+                continue
+            rows.append((i, e.seq))
+            for child in e.forks:
+                child.data = self._seq_state(e.group.seqs.index(child), e.group.params)
+                rows.append((i, child))
+        return rows
+
+    def _fork_seq(self, group: SequenceGroup, parent: Sequence) -> Sequence:
+        child = parent.fork(self.scheduler.new_seq_id())
+        self.block_manager.fork(parent, child)
+        child.data = self._seq_state(len(group.seqs), group.params)
+        group.seqs.append(child)
+        return child
+
+    def _sampling_metadata(self, scheduled: list[ScheduledSeq],
+                           rows: list[tuple[int, Sequence]]) -> SamplingMetadata:
+        params, gens, prompts, outs, banned = [], [], [], [], []
+        for i, seq in rows:
+            p = scheduled[i].group.params
+            params.append(p)
+            gens.append(seq.data.generator)
+            prompts.append(seq.prompt_token_ids if p.repetition_penalty != 1.0 else [])
+            outs.append(seq.output_token_ids if p.has_penalties else [])
+            # EOS and stop token ids are not allowed before min_tokens.
+            if seq.num_output_tokens < p.min_tokens:
+                ids = list(p.stop_token_ids or [])
+                if not p.ignore_eos:
+                    ids += sorted(self.eos_token_ids)
+                banned.append(ids)
+            else:
+                banned.append([])
+        return SamplingMetadata.build(params, gens, prompts, outs, banned, self.executor.device)
+
+    def _beam_step(self, group: SequenceGroup) -> None:
+        """Run a beam step once every live beam has new logits (engine/beam_search.py), and
+        apply its decision to the block tables: a beam chosen k times continues once and
+        forks k - 1 times; a beam chosen 0 times is freed at once."""
+        state: BeamState = group.data.beam
+        beams = group.live_seqs()
+        if any(b.seq_id not in state.pending for b in beams):
+            return
+        self._count_first_token(group, beams[0])
+        decision = state.step(beams)
+        for beam in decision.drop:
+            self.scheduler.finish_seq(beam, SequenceStatus.FINISHED_STOPPED)
+        children: dict[int, list[tuple[int, float]]] = {}
+        for parent, token, score in decision.extend:
+            children.setdefault(id(parent), []).append((token, score))
+        for parent in {id(p): p for p, _, _ in decision.extend}.values():
+            picks = children[id(parent)]
+            # Fork before the parent's own token is appended: the children share its blocks.
+            targets = [parent] + [self._fork_seq(group, parent) for _ in picks[1:]]
+            for seq, (token, score) in zip(targets, picks):
+                seq.token_ids.append(token)
+                seq.cumulative_logprob = score
+        self.stats["generation_tokens_total"] += len(decision.extend)
+        # Finished beams live on only as hypotheses (one is kept: it holds the prompt).
+        group.seqs = group.live_seqs() or group.seqs[:1]
+
+    def _store_prompt_logprobs(self, e: ScheduledSeq, start: int, rows: list) -> None:
+        state: RequestState = e.group.data
+        for j, row in enumerate(rows):
+            if start + 1 + j < state.num_prompt_logprobs:
+                continue  # already stored (a prefill recomputed after preemption)
+            state.num_prompt_logprobs += 1
+            if state.new_prompt_logprobs is None:
+                state.new_prompt_logprobs = []
+            state.new_prompt_logprobs.append(row)
+
+    def _fail(self, group: SequenceGroup, reason: str) -> EngineCoreOutput:
+        logger.error(reason)
+        self._remove(group)
+        self.stats["num_requests_failed_total"] += 1
+        return EngineCoreOutput(group.request_id, finished=True, error=reason)
+
+    # ---- metrics, checks -----------------------------------------------------------------------
+    def get_metrics(self) -> dict:
+        s = self.scheduler
+        return {
+            "num_requests_running": len(s.running),
+            "num_requests_waiting": len(s.waiting),
+            "num_requests_swapped": len(s.swapped),
+            "kv_cache_usage_perc": self.block_manager.usage(),
+            "num_preemptions_total": s.num_preemptions,
+            "num_swapped_out_blocks_total": s.num_swapped_out_blocks,
+            "num_swapped_in_blocks_total": s.num_swapped_in_blocks,
+            "prefix_cache_queries_total": s.prefix_cache_queries,
+            "prefix_cache_hits_total": s.prefix_cache_hits,
+            "num_gpu_blocks": self.block_manager.pool.num_blocks,
+            **self.stats,
+        }
+
+    def check_integrity(self) -> bool:
+        """The block pool's invariants hold (raises AssertionError if not)."""
+        self.block_manager.check_integrity()
+        return True
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        t0, p0, g0 = self._last_log
+        if now - t0 < _LOG_INTERVAL_S:
+            return
+        p, g = self.stats["prompt_tokens_total"], self.stats["generation_tokens_total"]
+        self._last_log = (now, p, g)
+        s = self.scheduler
+        logger.info(
+            "prompt throughput: %.1f tok/s, generation throughput: %.1f tok/s, running: %d, "
+            "waiting: %d, swapped: %d, KV cache usage: %.1f%%", (p - p0) / (now - t0),
+            (g - g0) / (now - t0), len(s.running), len(s.waiting), len(s.swapped),
+            100 * self.block_manager.usage())
