@@ -122,7 +122,8 @@ def test_sigterm_stops_the_whole_tree(tiny_llama_dir):
     server = _serve(tiny_llama_dir, "-tp", "2")
     spawned = _spawned(server.proc.pid)
     server.proc.terminate()
-    assert server.proc.wait(30) == 0
+    # uvicorn shuts down gracefully, then re-raises the signal: the exit status is -SIGTERM.
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
     gone, alive = psutil.wait_procs(spawned, timeout=10)
     assert not alive
     server.log.close()
