@@ -29,13 +29,14 @@ import json
 import os
 import platform
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
 import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server_proc import served  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -113,31 +114,10 @@ async def _saturate(url: str, prompts: list[list[int]], output_len: int) -> floa
 
 
 def run_server(path: str, placement: str, prompts: list[list[int]], output_len: int) -> float:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--model", path,
-           "--load-format", "dummy", "--port", str(port), "--engine-core", placement,
-           "--cpu-kv-cache-gib", "0.5", "--swap-space", "0.1", "--uvicorn-log-level", "warning"]
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"server did not start:\n{log.read().decode()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+    args = ["--model", path, "--load-format", "dummy", "--engine-core", placement,
+            "--cpu-kv-cache-gib", "0.5", "--swap-space", "0.1"]
+    with tempfile.TemporaryFile() as log, served(args, log, cwd=ROOT) as (url, _):
         return asyncio.run(_saturate(url, prompts, output_len))
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def main() -> None:

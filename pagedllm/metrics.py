@@ -1,9 +1,13 @@
 """Prometheus metrics of the server, named `pagedllm:*`.
 
-Two kinds, kept in one registry per server:
+Three kinds, kept in one registry per server:
 - engine numbers (queue lengths, KV usage, token and preemption counters) are read from
-  `LLMEngine.get_metrics()` at scrape time, so /metrics shows exactly what the offline
-  `LLM.get_metrics()` shows: keys ending in `_total` are counters, the rest gauges;
+  `AsyncLLM.get_metrics()` at scrape time, so /metrics shows exactly what the offline
+  `LLM.get_metrics()` shows: keys ending in `_total` are counters, the rest gauges. Beside
+  them `engine_alive` (1/0); once the core is dead its last report's load gauges (running,
+  waiting, swapped, KV usage) read 0, not the load of a server that no longer serves;
+- `request_success_total{finished_reason}`: requests by how they ended, counted once each
+  by `AsyncLLM` (see `FINISHED_REASONS`);
 - per-request latency histograms, observed when a request finishes, from the monotonic
   timestamps in `RequestOutput.metrics`.
 """
@@ -12,7 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagedllm.outputs import RequestOutput
@@ -32,6 +38,15 @@ _HELP = {
     "generation_tokens_total": "Tokens generated since start.",
 }
 
+# The core's gauges that describe load; a dead core's last values are stale, so they read 0.
+LOAD_GAUGES = ("num_requests_running", "num_requests_waiting", "num_requests_swapped",
+               "kv_cache_usage_perc")
+
+# How a request ended (vLLM's `request_success_total{finished_reason}`): "stop" (EOS, a stop
+# token or string), "length" (max_tokens or the context), "abort" (the client closed the
+# stream or disconnected), "error" (the engine failed it, or the core died or shut down).
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+
 # Seconds; CPU decode steps are tens of ms, a long CPU request takes minutes.
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -41,14 +56,20 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 class _EngineCollector:
     """Yields the engine's counters and gauges from a fresh `get_metrics()` on each scrape."""
 
-    def __init__(self, get_stats: Callable[[], dict]) -> None:
-        self._get_stats = get_stats
+    def __init__(self, get_stats: Callable[[], dict], is_alive: Callable[[], bool]) -> None:
+        self._get_stats, self._is_alive = get_stats, is_alive
 
     def describe(self) -> list:
         return []  # names are only known at scrape time; skip the registry's duplicate check
 
     def collect(self):
+        alive = self._is_alive()
+        yield GaugeMetricFamily(PREFIX + "engine_alive",
+                                "1 while the engine core runs, 0 once it died or stopped.",
+                                value=int(alive))
         for key, value in self._get_stats().items():
+            if not alive and key in LOAD_GAUGES:
+                value = 0
             doc = _HELP.get(key, key.replace("_", " ") + ".")
             if key.endswith("_total"):
                 # prometheus_client appends `_total` to counter samples itself.
@@ -58,11 +79,17 @@ class _EngineCollector:
 
 
 class ServingMetrics:
-    """One registry: engine numbers at scrape time plus latency histograms."""
+    """One registry: engine numbers at scrape time, finished requests by reason, latency
+    histograms."""
 
-    def __init__(self, get_stats: Callable[[], dict]) -> None:
+    def __init__(self, get_stats: Callable[[], dict], is_alive: Callable[[], bool]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_EngineCollector(get_stats))
+        self.registry.register(_EngineCollector(get_stats, is_alive))
+        self.request_success = Counter(
+            PREFIX + "request_success", "Finished requests, by how they ended.",
+            labelnames=("finished_reason",), registry=self.registry)
+        for reason in FINISHED_REASONS:  # every series from the start: rate() needs a zero
+            self.request_success.labels(reason)
         self.time_to_first_token = Histogram(
             PREFIX + "time_to_first_token_seconds", "Arrival to first generated token.",
             buckets=_TTFT_BUCKETS, registry=self.registry)
@@ -73,6 +100,10 @@ class ServingMetrics:
         self.e2e_request_latency = Histogram(
             PREFIX + "e2e_request_latency_seconds", "Arrival to last generated token.",
             buckets=_E2E_BUCKETS, registry=self.registry)
+
+    def count_finished(self, reason: str) -> None:
+        assert reason in FINISHED_REASONS, reason
+        self.request_success.labels(reason).inc()
 
     def observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics

@@ -14,6 +14,22 @@ from enum import IntEnum
 # logits by ~0 would overflow, and argmax is what such a temperature means anyway.
 _GREEDY_EPS = 1e-5
 
+# At most this many sequences per request (n, beam_width): each one holds its own KV blocks and
+# sampler row, so an unbounded n lets one request take the whole cache (n=1024: +835 MiB).
+MAX_N = 128
+
+# Sequence i of a seeded request draws from torch.Generator(seed + i); the generator takes a
+# 64-bit seed, so seed + i must stay in int64 for every i < MAX_N.
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - MAX_N
+
+# The sampler works in float32. A repetition penalty p divides positive logits by p and
+# multiplies negative ones: below 1e-2 they overflow to inf (1e-45 even rounds to 0) and the
+# row's softmax is NaN; above 1e2 it already means "never repeat". vLLM only asks for p > 0.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
+
+# Float32's largest finite value: a larger temperature becomes inf, and -inf / inf is NaN.
+_FP32_MAX = 3.4028234663852886e38
+
 
 class RequestOutputKind(IntEnum):
     """Which RequestOutputs a request gets (vLLM's names): CUMULATIVE, one per step with
@@ -85,10 +101,16 @@ class SamplingParams:
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
     def _validate(self) -> None:
-        _check(_is_int(self.n) and self.n >= 1, f"n must be at least 1, got {self.n}")
+        _check(
+            _is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}"
+        )
         _check(
             _is_real(self.temperature) and self.temperature >= 0.0,
             f"temperature must be >= 0, got {self.temperature}",
+        )
+        _check(
+            self.temperature <= _FP32_MAX,
+            f"temperature must be finite in float32 (<= {_FP32_MAX:.4g}), got {self.temperature}",
         )
         _check(
             _is_real(self.top_p) and 0.0 < self.top_p <= 1.0,
@@ -103,8 +125,10 @@ class SamplingParams:
             f"min_p must be in [0, 1], got {self.min_p}",
         )
         _check(
-            _is_real(self.repetition_penalty) and self.repetition_penalty > 0.0,
-            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            _is_real(self.repetition_penalty)
+            and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+            f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, "
+            f"{MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}",
         )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -113,7 +137,9 @@ class SamplingParams:
                 f"{name} must be in [-2, 2], got {value}",
             )
         _check(
-            self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed}"
+            self.seed is None or (_is_int(self.seed) and MIN_SEED <= self.seed <= MAX_SEED),
+            f"seed must be None or an int in [-2**63, 2**63 - {MAX_N}] (sequence i draws from "
+            f"seed + i, which must fit in int64), got {self.seed}",
         )
         _check(
             self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
@@ -192,8 +218,8 @@ class BeamSearchParams:
 
     def __post_init__(self) -> None:
         _check(
-            _is_int(self.beam_width) and self.beam_width >= 1,
-            f"beam_width must be at least 1, got {self.beam_width}",
+            _is_int(self.beam_width) and 1 <= self.beam_width <= MAX_N,
+            f"beam_width must be in [1, {MAX_N}], got {self.beam_width}",
         )
         _check(
             _is_int(self.max_tokens) and self.max_tokens >= 1,

@@ -32,6 +32,7 @@ import time
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)  # benchmarks/ is not a package: sharegpt.py, serving.py by path
+from server_proc import served  # noqa: E402
 
 WARMUP_PROMPTS, WARMUP_OUTPUT = 64, 16
 
@@ -104,27 +105,9 @@ async def send_all(url: str, model: str, reqs: list[dict]) -> tuple[float, list]
 def run_server(args, engine_core: str) -> dict:
     import httpx
 
-    port = 8000 + random.Random(engine_core).randrange(1000)
-    url = f"http://127.0.0.1:{port}"
     log = open(os.path.join(args.log_dir, f"server_{engine_core}.log"), "w")
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", *engine_args(args),
-           "--port", str(port), "--engine-core", engine_core, "--uvicorn-log-level", "warning"]
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}): see {log.name}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t0 > 400:
-                raise RuntimeError("the server did not come up in 400 s")
-            time.sleep(1)
-        startup = time.perf_counter() - t0
+    serve_args = [*engine_args(args), "--engine-core", engine_core]
+    with log, served(serve_args, log) as (url, startup):
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         from pagedllm.loader import load_model_config
 
@@ -141,14 +124,6 @@ def run_server(args, engine_core: str) -> dict:
                 "first_error": failed[0].error if failed else None,
                 "expected_tokens": sum(r["output_len"] for r in reqs),
                 "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 # ---- driver --------------------------------------------------------------------------------

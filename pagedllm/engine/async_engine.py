@@ -8,6 +8,11 @@ The event loop never runs a model step: by default the core is its own process
 loop do not share a GIL. `engine_core="thread"` keeps the core in this process on a thread
 (the one-interpreter design, kept to measure against). If the core dies or hangs, every open
 request gets EngineDeadError, `is_healthy` turns False (/health: 503) and the core is stopped.
+
+Each request leaves `_streams` one of three ways, and each counts it once in
+`request_success_total{finished_reason}`: `_dispatch` (its final output: "stop"/"length", or
+"error" if the core failed it), `abort` (the client closed the stream first: "abort") and
+`_fail_all` (the core died or the engine stopped: "error").
 """
 
 from __future__ import annotations
@@ -103,6 +108,18 @@ def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     return new
 
 
+def _finished_reason(out: RequestOutput) -> str:
+    """How a finished request ended, counted once however many sequences it has: "error" if
+    the core failed it, else "stop" if any sequence stopped (EOS, stop token or string), else
+    "length" if any hit max_tokens or the context, else "abort"."""
+    if out.error is not None:
+        return "error"
+    reasons = [o.finish_reason for o in out.outputs]
+    if "stop" in reasons:
+        return "stop"
+    return "length" if "length" in reasons else "abort"
+
+
 class AsyncLLM:
     """Serve the engine to asyncio code: `stream = await add_request(...)`, `async for`.
 
@@ -124,7 +141,7 @@ class AsyncLLM:
         kwargs = {} if engine_timeout_s is None else {"engine_timeout_s": engine_timeout_s}
         self.client = AsyncMPClient(config, eos_token_ids(tokenizer, config.model.hf_config),
                                     placement=engine_core, **kwargs)
-        self.metrics = ServingMetrics(self.get_metrics)
+        self.metrics = ServingMetrics(self.get_metrics, lambda: self.is_healthy)
         self.stats = {"num_requests_finished_total": 0}
         self._streams: dict[str, RequestStream] = {}
         self._dead: BaseException | None = None
@@ -198,7 +215,8 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         """Stop a request; unknown or finished ids are ignored."""
-        self._streams.pop(request_id, None)
+        if self._streams.pop(request_id, None) is not None:
+            self.metrics.count_finished("abort")
         self.output_processor.abort_request(request_id)
         if self._dead is None and not self._stopping:
             self.client.abort_requests([request_id])
@@ -243,6 +261,7 @@ class AsyncLLM:
                 continue  # aborted by the client while this step ran
             if out.finished:
                 del self._streams[out.request_id]
+                self.metrics.count_finished(_finished_reason(out))
                 if out.error is None:
                     self.stats["num_requests_finished_total"] += 1
                     self.metrics.observe_finished(out)
@@ -252,6 +271,7 @@ class AsyncLLM:
         for request_id, stream in list(self._streams.items()):
             stream.put(exc)
             self.output_processor.abort_request(request_id)
+            self.metrics.count_finished("error")
         self._streams.clear()
 
 

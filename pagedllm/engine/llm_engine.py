@@ -57,13 +57,30 @@ class RequestValidator:
                 f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
         return ids
 
+    def check_sampling(self, params: SamplingParams) -> SamplingParams:
+        """The fields SamplingParams cannot check alone: those that index the logits, whose
+        bound is this model's vocabulary (an id past it would fail inside the engine core)."""
+        vocab = self.vocab_size
+        if params.top_k > vocab:  # NOTE: rejected, not clamped, so a typo is not silently "off"
+            raise ValueError(f"top_k must be -1 (disable) or in [1, {vocab}] (the vocabulary "
+                             f"size), got {params.top_k}")
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids must lie in the vocabulary [0, {vocab}), got {bad}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > vocab:
+                raise ValueError(f"{name} must be at most the vocabulary size {vocab}, "
+                                 f"got {value}")
+        return params
+
     def make_request(self, request_id: str, prompt: str | None, params, prompt_token_ids=None,
                      priority: int = 0, arrival_time: float | None = None,
                      cache_salt: str | None = None) -> EngineCoreRequest:
         ids = self.prompt_ids(prompt, prompt_token_ids)
         sampling = beam = None
         if isinstance(params, SamplingParams):
-            sampling = params
+            sampling = self.check_sampling(params)
         elif isinstance(params, BeamSearchParams):
             beam = params
         else:

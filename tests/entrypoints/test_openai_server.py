@@ -470,3 +470,55 @@ def test_still_healthy_at_end(server, client):
     assert httpx.get(f"{server.url}/health").status_code == 200
     resp = client.chat.completions.create(model=MODEL, messages=chat("Bye!"), max_tokens=4)
     assert resp.choices[0].message.content
+
+
+# ---- health probes, retry hints, finished-request counters, error logs -------------------------
+def test_head_health_answers_like_get(server):
+    resp = httpx.head(f"{server.url}/health", timeout=10)  # no key needed, as for GET
+    assert resp.status_code == 200 and resp.content == b""
+
+
+def test_429_says_when_to_retry_and_is_logged(servers):
+    busy = servers[1]
+    resp = httpx.post(f"{busy.url}/v1/completions", json={"prompt": "hi"}, timeout=30,
+                      headers={"Authorization": f"Bearer {API_KEY}"})
+    err = assert_error(resp, 429, "waiting queue is full")
+    assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+    assert resp.headers["Retry-After"] == "1"
+    assert re.search(r"WARNING pagedllm: POST /v1/completions -> 429: the server is busy",
+                     busy.output())
+
+
+def _success(metrics: dict) -> dict[str, float]:
+    return {reason: metrics[f'pagedllm:request_success_total{{finished_reason="{reason}"}}']
+            for reason in ("stop", "length", "abort", "error")}
+
+
+def test_request_success_counts_each_request_once_by_reason(server, http, client):
+    before = _success(_wait_idle(http))
+    length = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=3,
+                                       temperature=0, n=2, extra_body={"ignore_eos": True})
+    stop = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=64,
+                                     temperature=0, stop=["e"], extra_body={"ignore_eos": True})
+    assert [c.finish_reason for c in length.choices] == ["length", "length"]
+    assert stop.choices[0].finish_reason == "stop"
+    body = {"model": MODEL, "prompt": "Write a very long story.", "max_tokens": 500,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+        assert [line for _, line in zip(range(4), resp.iter_lines())]  # then hang up
+    after = _success(_wait_idle(http))
+    # n=2 counts once; the hung-up stream is an abort.
+    assert {r: after[r] - before[r] for r in after} == {"stop": 1, "length": 1, "abort": 1,
+                                                         "error": 0}
+
+
+def test_4xx_log_line_says_why_without_the_body(server, http):
+    secret = "a-prompt-that-must-not-reach-the-log"
+    resp = http.post("/v1/completions", json={"model": MODEL, "prompt": secret,
+                                              "temperature": -1})
+    message = assert_error(resp, 400)["message"]
+    assert "Retry-After" not in resp.headers
+    log = server.output()
+    assert f"WARNING pagedllm: POST /v1/completions -> 400: {message}" in log
+    assert secret not in log

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -127,3 +128,42 @@ def test_sigterm_stops_the_whole_tree(tiny_llama_dir):
     gone, alive = psutil.wait_procs(spawned, timeout=10)
     assert not alive
     server.log.close()
+
+
+def test_dead_core_reads_dead_in_metrics_and_says_when_to_retry(tiny_llama_dir):
+    def scrape(http) -> dict[str, float]:
+        return {m.group(1): float(m.group(2)) for m in re.finditer(
+            r"^pagedllm:([a-z_]+(?:\{[^}]*\})?) (\S+)$", http.get("/metrics").text, re.M)}
+
+    server = _serve(tiny_llama_dir)
+    try:
+        (core,) = _spawned(server.proc.pid)
+        streams = [([], threading.Event()) for _ in range(2)]
+        threads = [threading.Thread(target=_stream_events, args=(server, p, ev, st))
+                   for p, (ev, st) in zip(PROMPTS, streams)]
+        for t in threads:
+            t.start()
+        for _, started in streams:
+            assert started.wait(30)
+        with _client(server) as http:
+            live = scrape(http)
+            assert live["engine_alive"] == 1 and live["num_requests_running"] == 2
+            assert live["kv_cache_usage_perc"] > 0
+            os.kill(core.pid, signal.SIGKILL)
+            for t in threads:
+                t.join(30)
+                assert not t.is_alive()
+            dead = scrape(http)
+            assert dead["engine_alive"] == 0
+            for gauge in ("num_requests_running", "num_requests_waiting",
+                          "num_requests_swapped", "kv_cache_usage_perc"):
+                assert dead[gauge] == 0, gauge
+            assert dead['request_success_total{finished_reason="error"}'] == 2
+            assert dead["generation_tokens_total"] >= live["generation_tokens_total"] > 0
+            for resp in (http.get("/health"), http.head("/health"), http.post(
+                    "/v1/completions", json={"prompt": "hi", "max_tokens": 2})):
+                assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+            assert http.post("/v1/completions", json={"prompt": "hi"}).json()["error"][
+                "type"] == "service_unavailable_error"
+    finally:
+        server.stop()

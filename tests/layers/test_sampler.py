@@ -15,7 +15,9 @@ from pagedllm.layers.sampler import (
     apply_top_k_top_p,
     compute_prompt_logprobs,
 )
-from pagedllm.sampling_params import BeamSearchParams, SamplingParams, SamplingType
+from pagedllm.sampling_params import (
+    MAX_N, MAX_SEED, BeamSearchParams, SamplingParams, SamplingType,
+)
 
 # A hand-built distribution with no ties and no cumulative sum near the top_p values used.
 PROBS = [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]
@@ -378,11 +380,30 @@ def test_prompt_logprobs():
         (dict(stop_token_ids=[-3]), "stop_token_ids"),
         (dict(stop="x", detokenize=False), "stop"),
         (dict(seed=1.5), "seed"),
+        # Bounds that keep one request from breaking the engine (see sampling_params.py).
+        (dict(n=MAX_N + 1), "n"),
+        (dict(seed=2**64 - 1, n=2), "seed"),
+        (dict(seed=MAX_SEED + 1), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
+        (dict(repetition_penalty=1e-45), "repetition_penalty"),
+        (dict(repetition_penalty=1e3), "repetition_penalty"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(temperature=1e300), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
     ],
 )
 def test_sampling_params_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field} "):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_bounds_are_inclusive():
+    assert SamplingParams(n=MAX_N, seed=MAX_SEED).n == MAX_N
+    assert SamplingParams(seed=-(2**63), repetition_penalty=1e-2).seed == -(2**63)
+    assert SamplingParams(repetition_penalty=1e2, temperature=3e38).repetition_penalty == 1e2
+    assert BeamSearchParams(beam_width=MAX_N, max_tokens=4).beam_width == MAX_N
+    with pytest.raises(ValueError, match=rf"^beam_width must be in \[1, {MAX_N}\]"):
+        BeamSearchParams(beam_width=MAX_N + 1, max_tokens=4)
 
 
 def test_sampling_params_messages_and_normalization():

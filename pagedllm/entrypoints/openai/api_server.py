@@ -1,17 +1,17 @@
 """`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
     POST /v1/chat/completions  /v1/completions  /tokenize  /detokenize
-    GET  /v1/models  /health  /metrics  /version
+    GET  /v1/models  /health (and HEAD)  /metrics  /version
 
-Errors use OpenAI's `{"error": {message, type, param, code}}`. With --api-key every route but
-/health needs `Authorization: Bearer <key>`.
+Errors use OpenAI's `{"error": {message, type, param, code}}`; a 429 (queue full) and a 503
+(engine dead or stopped) also carry `Retry-After` (seconds), and every 4xx is logged with its
+message. With --api-key every route but /health needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import hmac
-import json
 import logging
 import os
 import re
@@ -30,7 +30,7 @@ from pagedllm.engine.async_engine import AsyncLLM
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.entrypoints.openai.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-    validation_error,
+    parse_json, validation_error,
 )
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -40,6 +40,10 @@ from pagedllm.metrics import CONTENT_TYPE
 logger = logging.getLogger("pagedllm")
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# Seconds a client should wait before retrying: a full queue drains in about a step or two;
+# a dead engine needs its server restarted (by a supervisor, if any).
+RETRY_AFTER_S = {429: 1, 503: 5}
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -71,6 +75,19 @@ def served_model_name(model: str | None) -> str:
     return name
 
 
+def error_response(scope: Scope, err: APIError) -> JSONResponse:
+    """`err` as OpenAI's JSON body, with Retry-After where retrying later can succeed.
+
+    A 4xx is logged with its reason: uvicorn's access log only says "400 Bad Request". The
+    message names the field and limit, never the request body."""
+    if 400 <= err.status < 500:
+        logger.warning("%s %s -> %d: %s", scope["method"], scope["path"], err.status,
+                       err.message)
+    retry_after = RETRY_AFTER_S.get(err.status)
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
+
+
 class APIKeyMiddleware:
     """401 unless the Bearer token matches (pure ASGI, so streaming and disconnects pass through
     untouched; BaseHTTPMiddleware would wrap `receive`)."""
@@ -84,18 +101,21 @@ class APIKeyMiddleware:
             if not hmac.compare_digest(given, self.expected):
                 err = APIError(401, "Invalid or missing API key (send 'Authorization: Bearer "
                                "<key>')", code="invalid_api_key")
-                await JSONResponse(err.to_dict(), status_code=401)(scope, receive, send)
+                await error_response(scope, err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
 async def _parse(raw: Request, model: type[BaseModel]):
-    try:
-        body = json.loads(await raw.body())
-    except ValueError:
-        raise APIError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
+    # No Content-Type is taken as JSON; a form or text body (`curl -d` without
+    # `-H 'Content-Type: application/json'`) is a 415 that says so. Parameters (charset) and
+    # `+json` types pass.
+    content_type = raw.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise APIError(415, f"Content-Type must be application/json, got {media_type[:100]!r}",
+                       code="unsupported_media_type")
+    body = parse_json(await raw.body())
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -122,29 +142,29 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request.scope, exc)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         err = APIError(exc.status_code, str(exc.detail), type="invalid_request_error")
-        return JSONResponse(err.to_dict(), status_code=exc.status_code)
+        return error_response(request.scope, err)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        err = to_api_error(exc)
-        return JSONResponse(err.to_dict(), status_code=err.status)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request.scope, to_api_error(exc))
 
-    @app.get("/health")
-    async def health() -> Response:
+    # HEAD too: load balancers probe with it (FastAPI's GET routes answer HEAD with 405).
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health(request: Request) -> Response:
         if engine.is_healthy:
             return Response(status_code=200)
         err = APIError(503, "the engine core is not running", type="service_unavailable_error")
-        return JSONResponse(err.to_dict(), status_code=503)
+        return error_response(request.scope, err)
 
     @app.get("/version")
     async def version() -> dict:

@@ -9,6 +9,8 @@ instead of listing every member of the union. Responses are plain dicts built by
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -17,6 +19,14 @@ from pagedllm.sampling_params import SamplingParams
 
 # OpenAI caps chat top_logprobs at 20; we use the same cap for completions' logprobs.
 MAX_LOGPROBS = 20
+# What one request may ask for; each bound keeps one request from costing the server what a
+# thousand normal ones do. n (<= MAX_N) and the other sampling bounds live in SamplingParams.
+MAX_PROMPTS = 256  # prompts in one /v1/completions batch
+MAX_STOP_STRINGS = 16  # each is matched against the new text of every sequence, every step
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+# Our schemas nest 5 deep (messages[0].content[0].text); anything past this is not ours.
+MAX_JSON_DEPTH = 32
 
 
 class APIError(Exception):
@@ -47,6 +57,68 @@ def validation_error(exc: ValidationError) -> APIError:
         reason = err["msg"].removeprefix("Value error, ")
         message = f"Invalid value for '{path}': {reason}" if path else reason
     return APIError(400, message, param=path or None)
+
+
+class _NonFinite:
+    """A JSON number that is not a finite float (`NaN`, `Infinity`, `1e999`): a marker kept
+    until parse_json knows its field."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _parse_float(text: str) -> float | _NonFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def parse_json(body: bytes) -> dict:
+    """A request body as a JSON object whose numbers are finite and whose strings are valid
+    Unicode; anything else is a 400 naming the field. Python's json module would accept
+    `NaN`/`Infinity`, decode `"\\ud800"` to a lone surrogate (which no tokenizer or UTF-8
+    encoder takes), and raise RecursionError, not ValueError, on very deep nesting."""
+    try:
+        value = json.loads(body, parse_constant=_NonFinite, parse_float=_parse_float)
+    except RecursionError:  # deeper than the interpreter's stack
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") \
+            from None
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    todo: list[tuple[str, Any, int]] = [("", value, 1)]  # (path, value, depth); no recursion
+    while todo:
+        path, item, depth = todo.pop()
+        if isinstance(item, _NonFinite):
+            raise APIError(400, f"Invalid value for '{path}': {item.text} is not a finite "
+                           "number", param=path)
+        if isinstance(item, str) and not _is_unicode(item):
+            raise APIError(400, f"Invalid value for '{path}': the string holds a lone UTF-16 "
+                           "surrogate (e.g. '\\ud800'), which is not valid Unicode", param=path)
+        if isinstance(item, (dict, list)) and depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            for key, v in item.items():
+                child = f"{path}.{key}" if path else key
+                if not _is_unicode(key):
+                    raise APIError(400, "a field name holds a lone UTF-16 surrogate, which is "
+                                   "not valid Unicode")
+                todo.append((child, v, depth + 1))
+        elif isinstance(item, list):
+            todo.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(item))
+    return value
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class OpenAIBaseModel(BaseModel):
@@ -101,18 +173,25 @@ class _SamplingRequest(OpenAIBaseModel):
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     ignore_eos: bool | None = False
     min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, value: Any) -> list[str] | None:
-        if value is None or isinstance(value, str):
-            return None if value is None else [value]
-        if isinstance(value, list) and all(isinstance(s, str) for s in value):
-            return value
-        raise ValueError("stop must be a string or a list of strings")
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, "
+                             f"got {len(stops)}")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise ValueError(f"each stop string must be at most {MAX_STOP_STRING_CHARS} "
+                             "characters long")
+        return stops
 
     @property
     def include_usage(self) -> bool:
@@ -197,6 +276,9 @@ class CompletionRequest(_SamplingRequest):
         else:
             raise ValueError("prompt must be a string, a list of strings, a list of token ids, "
                              "or a list of token-id lists")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"prompt must hold at most {MAX_PROMPTS} prompts, "
+                             f"got {len(prompts)}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("prompt must not be empty")
         return prompts
