@@ -9,6 +9,7 @@ One real `pagedllm serve` with the tiny random Llama (SmolLM2's tokenizer, vocab
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -23,6 +24,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 VOCAB = TINY_LLAMA["vocab_size"]
+MAX_BODY = 4_000_000
 NORMAL = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
           "ignore_eos": True}
 
@@ -30,7 +32,8 @@ NORMAL = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
     proc = ServerProcess("--model", tiny_llama_dir, "--max-model-len", "512",
-                         "--cpu-kv-cache-gib", "0.05", "--swap-space", "0.05")
+                         "--cpu-kv-cache-gib", "0.05", "--swap-space", "0.05",
+                         "--max-request-body-bytes", str(MAX_BODY))
     try:
         proc.wait_ready()
         yield proc
@@ -249,3 +252,35 @@ def test_parse_json_keeps_valid_bodies():
     text = '{"p": "caf\\u00e9 \\ud83d\\ude00", "x": [1.5, -2e10, 3], "d": ' + \
         "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1) + "}"
     assert parse_json(text.encode())["p"] == "café 😀"
+
+
+@pytest.mark.usefixtures("still_serves")
+def test_body_over_the_cap_is_413_declared_or_streamed(http):
+    big = json.dumps({**NORMAL, "prompt": "a" * (MAX_BODY + 10)}).encode()
+    resp = http.post("/v1/completions", content=big,
+                     headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413 and "--max-request-body-bytes" in resp.text
+
+    def chunks():  # no Content-Length: the cap must hold while reading
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + (1 << 16)]
+    resp = http.post("/v1/completions", content=chunks(),
+                     headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413
+
+
+@pytest.mark.usefixtures("still_serves")
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {**NORMAL, "prompt": "word " * 300_000}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 300_000}],
+                              "max_tokens": 4}, "messages"),
+    ("/tokenize", {"prompt": "word " * 300_000}, "prompt"),
+])
+def test_overlong_text_is_refused_before_tokenizing(http, path, body, param):
+    t0 = time.monotonic()
+    resp = http.post(path, json=body)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and "characters" in err["message"]
+    assert err["code"] == "context_length_exceeded"
+    assert time.monotonic() - t0 < 5  # 1.5M characters: not tokenized

@@ -40,6 +40,7 @@ from pagedllm.metrics import CONTENT_TYPE
 logger = logging.getLogger("pagedllm")
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MAX_BODY_BYTES = 16 << 20
 
 # Seconds a client should wait before retrying: a full queue drains in about a step or two;
 # a dead engine needs its server restarted (by a supervisor, if any).
@@ -53,6 +54,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="require 'Authorization: Bearer KEY' on every route but /health")
     parser.add_argument("--served-model-name", default=None,
                         help="the name clients pass as `model` (default: the model's basename)")
+    parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="refuse larger request bodies with a 413, before reading them "
+                        "whole (default: 16 MiB)")
     parser.add_argument("--max-waiting", type=int, default=None,
                         help="answer 429 while this many requests already wait (default: no cap)")
     parser.add_argument("--engine-core", default="process", choices=("process", "thread"),
@@ -106,7 +110,24 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-async def _parse(raw: Request, model: type[BaseModel]):
+async def _read_body(raw: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it passes `limit` bytes (never held whole)."""
+    too_large = APIError(413, f"the request body is larger than {limit} bytes (the server's "
+                         "--max-request-body-bytes)", code="request_too_large")
+    declared = raw.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in raw.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(raw: Request, model: type[BaseModel],
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     # No Content-Type is taken as JSON; a form or text body (`curl -d` without
     # `-H 'Content-Type: application/json'`) is a 415 that says so. Parameters (charset) and
     # `+json` types pass.
@@ -115,7 +136,7 @@ async def _parse(raw: Request, model: type[BaseModel]):
     if media_type and media_type != "application/json" and not media_type.endswith("+json"):
         raise APIError(415, f"Content-Type must be application/json, got {media_type[:100]!r}",
                        code="unsupported_media_type")
-    body = parse_json(await raw.body())
+    body = parse_json(await _read_body(raw, max_body_bytes))
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -123,7 +144,8 @@ async def _parse(raw: Request, model: type[BaseModel]):
 
 
 def build_app(engine: AsyncLLM, model_name: str, model_path: str,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     # Tokenization, templates and detokenization all run on this event loop's thread.
     tokenizer = engine.tokenizer
     chat = OpenAIServingChat(engine, tokenizer, model_name)
@@ -182,20 +204,21 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request):
-        return await chat.create(await _parse(raw, ChatCompletionRequest), raw)
+        return await chat.create(await _parse(raw, ChatCompletionRequest, max_body_bytes), raw)
 
     @app.post("/v1/completions")
     async def completions(raw: Request):
-        return await completion.create(await _parse(raw, CompletionRequest), raw)
+        return await completion.create(await _parse(raw, CompletionRequest, max_body_bytes), raw)
 
     @app.post("/tokenize")
     async def tokenize(raw: Request) -> dict:
-        request = await _parse(raw, TokenizeRequest)
+        request = await _parse(raw, TokenizeRequest, max_body_bytes)
         chat.check_model(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
         if request.messages is not None:
             messages = [m.model_dump() for m in request.messages]
+            chat.check_chars(sum(len(str(m.get("content") or "")) for m in messages), "messages")
             try:
                 ids = LLM.encode_chat_with(tokenizer, messages,
                                            request.add_generation_prompt is not False)
@@ -203,13 +226,14 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
                 raise APIError(400, f"cannot apply the chat template: {exc}",
                                param="messages") from None
         else:
+            chat.check_chars(len(request.prompt), "prompt")
             ids = tokenizer.encode(request.prompt,
                                    add_special_tokens=request.add_special_tokens is not False)
         return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(raw: Request) -> dict:
-        request = await _parse(raw, DetokenizeRequest)
+        request = await _parse(raw, DetokenizeRequest, max_body_bytes)
         chat.check_model(request.model)
         vocab = engine.vocab_size
         bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
@@ -226,10 +250,13 @@ def run_server(args: argparse.Namespace) -> None:
 
     if args.max_waiting is not None and args.max_waiting < 0:
         raise SystemExit("--max-waiting must be >= 0")
+    if args.max_request_body_bytes < 1:
+        raise SystemExit("--max-request-body-bytes must be >= 1")
     engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args),
                                        engine_core=args.engine_core, max_waiting=args.max_waiting)
     name = args.served_model_name or served_model_name(args.model)
-    app = build_app(engine, name, engine.config.model.model, args.api_key)
+    app = build_app(engine, name, engine.config.model.model, args.api_key,
+                    args.max_request_body_bytes)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                 timeout_graceful_shutdown=5)

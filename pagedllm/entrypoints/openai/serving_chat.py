@@ -54,6 +54,7 @@ class OpenAIServingChat(OpenAIServing):
         # "developer" is OpenAI's newer name for the system role; chat templates know "system".
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                     for m in request.messages]
+        self.check_chars(sum(len(str(m["content"] or "")) for m in messages), "messages")
         try:
             return LLM.encode_chat_with(self.tokenizer, messages)
         except Exception as exc:  # a template may raise on e.g. an unexpected role order

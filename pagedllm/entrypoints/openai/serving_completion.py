@@ -25,6 +25,8 @@ class OpenAIServingCompletion(OpenAIServing):
         request.check_stream_options()
         prompts = []  # (text or None, token ids)
         for p in request.prompt:
+            if isinstance(p, str):
+                self.check_chars(len(p), "prompt")
             ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
             self.check_length(len(ids), request.max_tokens, "prompt")
             prompts.append((p if isinstance(p, str) else None, ids))

@@ -57,6 +57,20 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
+        # No prompt longer than this many characters fits the context, whatever it holds: one
+        # token covers at most `longest token` characters (x4 for normalizers that merge
+        # characters, e.g. NFC composing accents). Checked before tokenizing, which costs time
+        # and memory on the event loop in proportion to the text.
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) \
+            if hasattr(tokenizer, "get_vocab") else 64
+        self.max_prompt_chars = self.max_model_len * max(1, longest) * 4
+
+    def check_chars(self, num_chars: int, param: str) -> None:
+        if num_chars > self.max_prompt_chars:
+            raise APIError(
+                400, f"The {param} has {num_chars} characters: more than this model's maximum "
+                f"context length ({self.max_model_len} tokens) can hold. Please shorten the "
+                "input.", param=param, code="context_length_exceeded")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
