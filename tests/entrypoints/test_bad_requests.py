@@ -284,3 +284,28 @@ def test_overlong_text_is_refused_before_tokenizing(http, path, body, param):
     assert err["param"] == param and "characters" in err["message"]
     assert err["code"] == "context_length_exceeded"
     assert time.monotonic() - t0 < 5  # 1.5M characters: not tokenized
+
+
+def test_openapi_publishes_every_request_body(http):
+    schema = http.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, model, field in [("/v1/chat/completions", "ChatCompletionRequest", "messages"),
+                               ("/v1/completions", "CompletionRequest", "prompt"),
+                               ("/tokenize", "TokenizeRequest", "prompt"),
+                               ("/detokenize", "DetokenizeRequest", "tokens")]:
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"]["$ref"] == f"#/components/schemas/{model}"
+        assert field in components[model]["properties"]
+    refs = set()
+
+    def collect(node):  # every $ref in the document resolves
+        if isinstance(node, dict):
+            if "$ref" in node:
+                refs.add(node["$ref"].rsplit("/", 1)[-1])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+    collect(schema)
+    assert refs and refs <= set(components)

@@ -143,6 +143,34 @@ async def _parse(raw: Request, model: type[BaseModel],
         raise validation_error(exc) from None
 
 
+_REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
+_REF = "#/components/schemas/{model}"
+
+
+def _body(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that parses its JSON itself (_parse: size cap,
+    strict numbers, nesting depth), so that schema-driven clients and fuzzers see the API."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": _REF.format(model=model.__name__)}}}}}
+
+
+def _publish_request_schemas(app: FastAPI) -> None:
+    """Add the request models (and the models they use) to /openapi.json's components."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in _REQUEST_MODELS:
+                body = model.model_json_schema(ref_template=_REF)
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def build_app(engine: AsyncLLM, model_name: str, model_path: str,
               api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
@@ -160,6 +188,7 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
         engine.stop()
 
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
+    _publish_request_schemas(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
@@ -202,15 +231,15 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
             "id": model_name, "object": "model", "created": started, "owned_by": "pagedllm",
             "root": model_path, "max_model_len": max_model_len}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
     async def chat_completions(raw: Request):
         return await chat.create(await _parse(raw, ChatCompletionRequest, max_body_bytes), raw)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
     async def completions(raw: Request):
         return await completion.create(await _parse(raw, CompletionRequest, max_body_bytes), raw)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=_body(TokenizeRequest))
     async def tokenize(raw: Request) -> dict:
         request = await _parse(raw, TokenizeRequest, max_body_bytes)
         chat.check_model(request.model)
@@ -231,7 +260,7 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
                                    add_special_tokens=request.add_special_tokens is not False)
         return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=_body(DetokenizeRequest))
     async def detokenize(raw: Request) -> dict:
         request = await _parse(raw, DetokenizeRequest, max_body_bytes)
         chat.check_model(request.model)
