@@ -32,11 +32,16 @@ from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
 
-__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestStream"]
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineDrainingError", "QueueFullError",
+           "RequestStream"]
 
 
 class QueueFullError(RuntimeError):
     """The waiting queue already holds `max_waiting` requests (the server answers 429)."""
+
+
+class EngineDrainingError(RuntimeError):
+    """The server is shutting down: it finishes what it has and takes nothing new (503)."""
 
 
 _CLOSED = object()  # put by RequestStream.close()
@@ -146,6 +151,7 @@ class AsyncLLM:
         self._streams: dict[str, RequestStream] = {}
         self._dead: BaseException | None = None
         self._stopping = False
+        self._draining = False
         self._reader: asyncio.Task | None = None
         self._sent_since_stats = 0  # requests sent after the core's last stats
 
@@ -170,6 +176,25 @@ class AsyncLLM:
         self._fail_all(EngineDeadError("the engine was shut down"))
 
     shutdown = stop
+
+    def drain(self, timeout_s: float) -> None:
+        """Begin a graceful shutdown: refuse new requests (EngineDrainingError), let open ones
+        finish for up to `timeout_s`, then end the rest with an error (their blocks freed)."""
+        if self._draining:
+            return
+        self._draining = True
+        logger.info("shutting down: %d open request(s) get up to %.0f s to finish",
+                    len(self._streams), timeout_s)
+        asyncio.get_running_loop().call_later(timeout_s, self._abort_open)
+
+    def _abort_open(self) -> None:
+        if not self._streams:
+            return
+        logger.warning("shutdown timeout: aborting %d open request(s)", len(self._streams))
+        error = EngineDeadError("the server is shutting down; the request was aborted")
+        for request_id, stream in list(self._streams.items()):
+            stream.put(error)
+            self.abort(request_id)  # frees its blocks in the core
 
     @property
     def is_healthy(self) -> bool:
@@ -226,6 +251,9 @@ class AsyncLLM:
             raise EngineDeadError(f"the engine core is dead: {self._dead}")
         if self._reader is None or self._stopping:
             raise EngineDeadError("the engine is not running")
+        if self._draining:
+            raise EngineDrainingError("the server is shutting down; retry on another replica "
+                                      "or after it restarts")
 
     # ---- outputs (a task on the event loop) ------------------------------------------------
     async def _output_loop(self) -> None:

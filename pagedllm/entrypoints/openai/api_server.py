@@ -11,13 +11,18 @@ message. With --api-key every route but /health needs `Authorization: Bearer <ke
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import hmac
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
@@ -57,6 +62,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="refuse larger request bodies with a 413, before reading them "
                         "whole (default: 16 MiB)")
+    parser.add_argument("--shutdown-timeout", type=float, default=10.0,
+                        help="on SIGTERM or Ctrl-C, seconds open requests get to finish before "
+                        "they are ended with an error (default: 10)")
     parser.add_argument("--max-waiting", type=int, default=None,
                         help="answer 429 while this many requests already wait (default: no cap)")
     parser.add_argument("--engine-core", default="process", choices=("process", "thread"),
@@ -275,17 +283,53 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
 
 
 def run_server(args: argparse.Namespace) -> None:
-    import uvicorn
-
     if args.max_waiting is not None and args.max_waiting < 0:
         raise SystemExit("--max-waiting must be >= 0")
     if args.max_request_body_bytes < 1:
         raise SystemExit("--max-request-body-bytes must be >= 1")
+    if args.shutdown_timeout < 0:
+        raise SystemExit("--shutdown-timeout must be >= 0")
     engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args),
                                        engine_core=args.engine_core, max_waiting=args.max_waiting)
     name = args.served_model_name or served_model_name(args.model)
     app = build_app(engine, name, engine.config.model.model, args.api_key,
                     args.max_request_body_bytes)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                timeout_graceful_shutdown=5)
+    # uvicorn's own grace period only backs ours up: by then every stream has ended.
+    config = uvicorn.Config(app, host=args.host, port=args.port,
+                            log_level=args.uvicorn_log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    DrainingServer(config, engine, args.shutdown_timeout).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM or Ctrl-C: stop accepting, give open requests `shutdown_timeout` seconds, then
+    end the rest with an error event and `[DONE]` (streams) or a 503 (the others), and exit
+    0. (uvicorn alone cuts streams at its grace period without a word, and re-raises the
+    signal after shutting down: exit status -15.)"""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM,
+                 shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        previous = {sig: signal.signal(sig, lambda sig, _: self._on_signal(sig, loop))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, loop: asyncio.AbstractEventLoop) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop now
+            return
+        self.should_exit = True
+        loop.call_soon_threadsafe(self.engine.drain, self.shutdown_timeout)

@@ -17,7 +17,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pagedllm.engine.async_engine import (
-    AsyncLLM, EngineDeadError, QueueFullError, RequestStream,
+    AsyncLLM, EngineDeadError, EngineDrainingError, QueueFullError, RequestStream,
 )
 from pagedllm.entrypoints.openai.protocol import APIError
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -38,7 +38,7 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=_field_named_in(str(exc)))
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), type="rate_limit_error", code="queue_full")
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, (EngineDeadError, EngineDrainingError)):
         return APIError(503, str(exc), type="service_unavailable_error")
     logger.exception("request failed", exc_info=exc)
     return APIError(500, f"internal error: {exc!r}", type="internal_error")
