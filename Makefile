@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup serve chat generate test test-fast bench clean
+.PHONY: setup serve chat generate test test-fast test-fuzz bench clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The server fuzzer at full length (make test runs 300 of its cases).
+test-fuzz: setup
+	PAGEDLLM_FUZZ_CASES=2000 $(PY) -m pytest -q tests/fuzz
 
 bench: setup
 	$(PY) benchmarks/throughput.py

@@ -18,6 +18,7 @@ at import).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import shutil
@@ -54,17 +55,24 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        _put_ninja_on_path()
-        path = load_extension(
-            name="pagedllm_cpu_kernels",
-            sources=[str(_SOURCE)],
-            build_directory=str(_build_directory()),
-            # No -march=native (CI machines differ): the AVX2 path is picked at run time.
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        build = _build_directory()
+        built = build / "pagedllm_cpu_kernels.so"
+        # NOTE: a finished build is opened directly. cpp_extension takes a lock file around
+        # every load, even a no-op one, and a process killed while holding it (a TP worker
+        # killed mid-step) would leave every later load waiting on it.
+        path = str(built) if built.exists() else None
+        if path is None:
+            _put_ninja_on_path()
+            path = load_extension(
+                name="pagedllm_cpu_kernels",
+                sources=[str(_SOURCE)],
+                build_directory=str(build),
+                # No -march=native (CI machines differ): the AVX2 path is picked at run time.
+                extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
         lib = ctypes.CDLL(path)
         lib.pagedllm_paged_decode_attention.argtypes = _ARGTYPES
         lib.pagedllm_paged_decode_attention.restype = _i32
@@ -78,14 +86,15 @@ def load() -> bool:
 
 def _build_directory() -> Path:
     """Under torch's extensions root (TORCH_EXTENSIONS_DIR, as cpp_extension reads it), one
-    directory per Python and torch version (the library links against libtorch). A lock file
+    directory per Python and torch version (the library links against libtorch) and source. A lock file
     left by a killed build would make every later load wait on it forever: one older than any
     real build is removed."""
     from torch.utils.cpp_extension import get_default_build_root
 
     version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    source = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]  # a changed source rebuilds
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    path = Path(root) / f"pagedllm_cpu_kernels_{version.replace('+', '_')}"
+    path = Path(root) / f"pagedllm_cpu_kernels_{version.replace('+', '_')}_{source}"
     path.mkdir(parents=True, exist_ok=True)
     lock = path / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > 300:

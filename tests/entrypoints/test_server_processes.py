@@ -173,12 +173,13 @@ def test_sigterm_with_8_streams_ends_each_and_exits_0(tiny_llama_dir):
     server = _serve(tiny_llama_dir, "--max-num-seqs", "2", "--shutdown-timeout", "1")
     try:
         spawned = _spawned(server.proc.pid)
-        streams = [([], threading.Event()) for _ in range(8)]
+        started = threading.Event()  # set by whichever stream gets a token first
+        streams = [([], started) for _ in range(8)]
         threads = [threading.Thread(target=_stream_events, args=(server, f"story {i}", ev, st))
                    for i, (ev, st) in enumerate(streams)]
         for t in threads:
             t.start()
-        assert streams[0][1].wait(30)
+        assert started.wait(60)
         time.sleep(0.2)
         t0 = time.monotonic()
         server.proc.terminate()
