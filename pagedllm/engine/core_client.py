@@ -274,7 +274,6 @@ class AsyncMPClient(_MPClientBase):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._actx = zmq.asyncio.Context.shadow(self.handle.ctx.underlying)
         self._aout = zmq.asyncio.Socket.shadow(self.handle.output.underlying)
         self._calls: dict[int, asyncio.Future] = {}
 

@@ -23,7 +23,8 @@ import zmq
 
 from pagedllm.config import EngineConfig, available_cpus
 from pagedllm.engine.protocol import (
-    EngineCoreOutputs, EngineCoreRequest, MsgpackDecoder, MsgpackEncoder, RequestType,
+    EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, MsgpackDecoder, MsgpackEncoder,
+    RequestType,
 )
 
 logger = logging.getLogger("pagedllm")
@@ -33,8 +34,7 @@ logger = logging.getLogger("pagedllm")
 HEARTBEAT_S = 1.0
 
 # What a frontend may call by name (utility requests); anything else is refused.
-_UTILITIES = frozenset({"get_metrics", "check_integrity", "has_unfinished_requests",
-                        "num_requests"})
+_UTILITIES = frozenset({"get_metrics", "check_integrity"})
 
 
 def die_with_parent() -> None:
@@ -122,8 +122,7 @@ class EngineCoreProc:
             try:
                 if method not in _UTILITIES:
                     raise ValueError(f"unknown utility call {method!r}")
-                target = self if method == "num_requests" else self.core
-                reply = (call_id, getattr(target, method)(*args), None)
+                reply = (call_id, getattr(self.core, method)(*args), None)
             except Exception as exc:  # the caller gets the error; the core goes on
                 reply = (call_id, None, repr(exc))
             self.send(EngineCoreOutputs(utility=reply))
@@ -131,12 +130,7 @@ class EngineCoreProc:
             return False
         return True
 
-    def num_requests(self) -> int:
-        return len(self.core.requests)
-
     def _add(self, req: EngineCoreRequest) -> None:
-        from pagedllm.engine.protocol import EngineCoreOutput
-
         try:
             self.core.add_request(req)
         except Exception as exc:  # a bad request fails alone (the frontend validated it)

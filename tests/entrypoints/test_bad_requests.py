@@ -42,13 +42,6 @@ def server(tiny_llama_dir):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def baseline(http) -> dict:
     """The normal request's answer before any bad input reached the server."""
     resp = http.post("/v1/completions", json=NORMAL)

@@ -91,13 +91,6 @@ def server(servers):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
