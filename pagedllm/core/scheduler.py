@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.kv_accounting import KVMemoryStats
 from pagedllm.core.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
@@ -49,6 +50,13 @@ class SchedulerOutput:
     preempted: list[SequenceGroup] = field(default_factory=list)
     # Groups that cannot fit in the KV cache even alone: the engine fails them with this reason.
     rejected: list[tuple[SequenceGroup, str]] = field(default_factory=list)
+    # A waiting or swapped group stayed out for lack of KV memory (the accounting then counts
+    # the free slots as lost to external fragmentation, core/kv_accounting.py).
+    waiting_for_blocks: bool = False
+    # Admission control (only with max_waiting / max_queued_tokens): the requests added since
+    # the last step that were kept, and those refused because the queue is full.
+    admitted: list[SequenceGroup] = field(default_factory=list)
+    refused: list[tuple[SequenceGroup, str]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -69,6 +77,8 @@ class Scheduler:
         self.prefix_cache_hits = 0  # tokens found
         self._finished_off_running = False
         self._seq_ids = itertools.count()
+        self.kv_memory = KVMemoryStats()  # the paper's Fig. 2 split, every step
+        self._arrivals: list[SequenceGroup] = []  # added since the last step
 
     def new_seq_id(self) -> int:
         """Sequence ids are unique per scheduler: block tables are keyed by them."""
@@ -80,6 +90,8 @@ class Scheduler:
 
     def add(self, group: SequenceGroup) -> None:
         bisect.insort(self.waiting, group, key=self._key)
+        if self.config.max_waiting is not None or self.config.max_queued_tokens is not None:
+            self._arrivals.append(group)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -148,7 +160,42 @@ class Scheduler:
             budget = self._resume_swapped(budget, out)
         if not out.preempted and not self.swapped:
             self._admit_waiting(budget, out)
+        if self._arrivals:
+            self._control_admission(out)
         return out
+
+    def _control_admission(self, out: SchedulerOutput) -> None:
+        """Refuse the requests added since the last step that are still waiting after it,
+        newest first, while the waiting queue holds more than max_waiting requests or
+        max_queued_tokens uncomputed tokens. Requests that waited before (preempted ones
+        among them) are never refused: only arrivals, which nothing has been sent for."""
+        arrivals, self._arrivals = self._arrivals, []
+        cap_n, cap_tokens = self.config.max_waiting, self.config.max_queued_tokens
+        new = {id(g) for g in arrivals}
+        n, tokens = 0, 0
+        for group in self.waiting:
+            if id(group) not in new:
+                n += 1
+                tokens += sum(s.num_tokens - s.num_computed_tokens for s in group.live_seqs())
+        waiting = {id(g) for g in self.waiting}
+        for group in arrivals:  # in the order they came
+            if group.is_finished:
+                continue  # aborted before this step
+            if id(group) in waiting:
+                need = sum(s.num_tokens for s in group.live_seqs())
+                over = (f"{n} requests wait (max_waiting={cap_n})"
+                        if cap_n is not None and n + 1 > cap_n else
+                        f"{tokens} prompt tokens wait and this request adds {need} "
+                        f"(max_queued_tokens={cap_tokens})"
+                        if cap_tokens is not None and tokens + need > cap_tokens else None)
+                if over is not None:
+                    self.waiting.remove(group)
+                    for seq in group.live_seqs():
+                        self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
+                    out.refused.append((group, f"the server is busy: {over}; retry later"))
+                    continue
+                n, tokens = n + 1, tokens + need
+            out.admitted.append(group)
 
     def _try_schedule(
         self, group: SequenceGroup, budget: int, out: SchedulerOutput, hits: dict | None = None
@@ -204,34 +251,68 @@ class Scheduler:
         return child
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
-        bm = self.block_manager
         while self.waiting and budget > 0:
             group = self.waiting[0]
-            live = group.live_seqs()
-            if self.num_live_seqs() + len(live) > self.config.max_num_seqs:
+            if self.num_live_seqs() + len(group.live_seqs()) > self.config.max_num_seqs:
                 break
-            hits = {s.seq_id: [] if group.skip_prefix_cache else bm.get_computed_blocks(s)
-                    for s in live}
-            entries = self._try_schedule(group, budget, out, hits)
+            entries = self._admit(group, budget, out)
             if entries is None:
                 if not self.running and not out.scheduled:
                     self.waiting.pop(0)
                     self._reject(group, out)
                     continue
+                out.waiting_for_blocks = True
                 break
             if not entries:
                 break  # budget too small for an unchunked prefill
-            self.waiting.pop(0)
-            if live[0].num_output_tokens == 0:  # first admission, not a resume
-                group.num_cached_tokens = len(hits[live[0].seq_id]) * bm.block_size
-            for seq in live:
-                self.prefix_cache_queries += seq.num_tokens
-                self.prefix_cache_hits += len(hits[seq.seq_id]) * bm.block_size
-            for seq in group.live_seqs():  # n > 1: the sequences forked this step too
-                seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, group, key=self._key)
-            out.scheduled.extend(entries)
             budget -= sum(e.num_new_tokens for e in entries)
+
+    def _admit(self, group: SequenceGroup, budget: int, out: SchedulerOutput
+               ) -> list[ScheduledSeq] | None:
+        """Move the waiting `group` to running if this step's tokens fit (the result of
+        _try_schedule, which changes nothing unless it returns entries)."""
+        bm = self.block_manager
+        live = group.live_seqs()
+        hits = {s.seq_id: [] if group.skip_prefix_cache else bm.get_computed_blocks(s)
+                for s in live}
+        entries = self._try_schedule(group, budget, out, hits)
+        if not entries:
+            return entries
+        self.waiting.remove(group)
+        if live[0].num_output_tokens == 0:  # first admission, not a resume
+            group.num_cached_tokens = len(hits[live[0].seq_id]) * bm.block_size
+        for seq in live:
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += len(hits[seq.seq_id]) * bm.block_size
+        for seq in group.live_seqs():  # n > 1: the sequences forked this step too
+            seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, group, key=self._key)
+        out.scheduled.extend(entries)
+        return entries
+
+    # ---- isolating a failed step (the engine core runs its requests one at a time) ----------
+    def schedule_solo(self, group: SequenceGroup) -> SchedulerOutput:
+        """Plan a step for `group` alone: no other group runs, nothing is preempted. The plan
+        is empty when its tokens do not fit in the blocks the others hold now."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        if group in self.running:
+            entries = self._try_schedule(group, budget, out)
+            out.scheduled.extend(entries or [])
+        elif group in self.waiting:
+            self._admit(group, budget, out)
+        return out
+
+    def evict(self, group: SequenceGroup) -> None:
+        """Take `group` out of every queue and free its blocks; its live sequences keep their
+        tokens and start over as after a recompute preemption (the caller re-adds it)."""
+        for queue in (self.waiting, self.running, self.swapped):
+            if group in queue:
+                queue.remove(group)
+        for seq in group.live_seqs():
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
 
     def _resume_swapped(self, budget: int, out: SchedulerOutput) -> int:
         bm = self.block_manager
@@ -243,6 +324,7 @@ class Scheduler:
             # Room for the swapped blocks plus one new block per sequence for this step's token.
             if not bm.can_swap_in(live) or \
                     bm.num_unique_blocks(live, bm.cpu_block_tables) + len(live) > bm.num_free_blocks:
+                out.waiting_for_blocks = True
                 break
             self.swapped.pop(0)
             copies = bm.swap_in(live)
@@ -304,3 +386,7 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += entry.num_new_tokens
             self.block_manager.cache_blocks(seq)
+        # Measured before this step's finished sequences free their blocks: the step's peak.
+        self.kv_memory.record(self.block_manager.memory_ledger(
+            [s for g in self.running for s in g.live_seqs()],
+            blocked=out.waiting_for_blocks or bool(out.preempted)))

@@ -57,7 +57,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "status",
         "block_hashes", "cumulative_logprob", "logprobs", "stop_reason", "data",
-        "num_output_placeholders", "cache_salt",
+        "num_output_placeholders", "cache_salt", "max_num_tokens",
     )
 
     def __init__(
@@ -76,6 +76,10 @@ class Sequence:
         self.num_output_placeholders = 0  # trailing tokens still on the device (see above)
         # Enters the first block's prefix-cache hash: only equal salts share cached blocks.
         self.cache_salt = cache_salt
+        # Prompt + max_tokens, set by its SequenceGroup: the final length when the request runs
+        # to max_tokens (a replay with ignore_eos). Orca's allocators reserve by it; the KV
+        # memory accounting tells reserved slots from fragmentation by it.
+        self.max_num_tokens = len(prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +115,7 @@ class Sequence:
         child.status = self.status
         child.block_hashes = list(self.block_hashes)
         child.num_output_placeholders = self.num_output_placeholders
+        child.max_num_tokens = self.max_num_tokens
         child.cumulative_logprob = self.cumulative_logprob
         child.logprobs = list(self.logprobs)
         return child
@@ -168,6 +173,7 @@ class SequenceGroup:
 
     def __post_init__(self) -> None:
         for seq in self.seqs:
+            seq.max_num_tokens = seq.num_prompt_tokens + self.max_tokens
             if seq.cache_salt != self.cache_salt:
                 assert seq.cache_salt is None, "sequence salted for another group"
                 assert not seq.block_hashes, "salt must be set before any block is hashed"

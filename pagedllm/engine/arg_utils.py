@@ -7,16 +7,20 @@ import dataclasses
 from dataclasses import dataclass
 
 from pagedllm.config import (
-    CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+    KV_ALLOCATORS, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
 )
 
-_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "simulate")
+DEFAULT_SIM_PROFILE = "a100-40gb"  # the paper's GPU
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class EngineArgs:
-    model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
+    model: str | None = None  # a path, a Hub id (ORG/NAME), or None: the default SmolLM2 GGUF
+    revision: str | None = None  # of a Hub id
+    download_dir: str | None = None  # the Hub cache to look in / download to (else HF_HOME's)
+    trust_remote_code: bool = False  # refused: pagedllm runs no code from a checkpoint
     dtype: str = "auto"
     seed: int = 0
     block_size: int = 16
@@ -24,7 +28,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool | None = None  # None: on for kv_allocator="paged", else off
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
     swap_space: float = 4.0
@@ -38,20 +42,41 @@ class EngineArgs:
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # None: on for CUDA, off for CPU
     cpu_threads: int | None = None  # None: see EngineConfig.cpu_threads
+    kv_allocator: str = "paged"  # or the paper's baselines: orca-max | orca-pow2 | orca-oracle
+    sim_profile: str | None = None  # load_format="simulate": None means DEFAULT_SIM_PROFILE
 
     def create_engine_config(self) -> EngineConfig:
         from pagedllm.loader import default_model_path, load_model_config
+        from pagedllm.loader.hub import resolve_model
 
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        model = self.model or default_model_path()
+        if self.trust_remote_code:
+            raise ValueError("trust_remote_code: pagedllm never runs code from a checkpoint; "
+                             "its model classes are its own (see supported architectures). "
+                             "Drop --trust-remote-code")
+        model = resolve_model(self.model, self.revision, self.download_dir) if self.model \
+            else default_model_path()
         load_format = self.load_format
         if load_format == "auto":
             load_format = "gguf" if model.endswith(".gguf") else "safetensors"
         hf_config = load_model_config(model, load_format)
+        simulate = load_format == "simulate"
+        sim_profile = None
         device = self.device
+        if simulate:
+            from pagedllm.sim.cost_model import load_profile
+
+            # The engine's own tensors (sampling metadata) stay on the host; the device that
+            # runs the model is the profile's.
+            if device == "cuda":
+                raise ValueError("load_format='simulate' runs on the host: the simulated "
+                                 "device is chosen with sim_profile, not device")
+            device = "cpu"
+            sim_profile = self.sim_profile or DEFAULT_SIM_PROFILE
+            profile_dtype = load_profile(sim_profile).dtype
         if device == "auto":
             import torch
 
@@ -60,6 +85,11 @@ class EngineArgs:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         # CPUs run fp32 (bf16 matmuls are slow there); GPUs run bf16.
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        if simulate and self.dtype == "auto":
+            dtype = profile_dtype
+        prefix_caching = self.enable_prefix_caching
+        if prefix_caching is None:  # Orca's regions share nothing
+            prefix_caching = self.kv_allocator == "paged"
 
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
         max_model_len = self.max_model_len or limit
@@ -78,7 +108,8 @@ class EngineArgs:
             cache=CacheConfig(
                 block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override, swap_space=self.swap_space,
-                enable_prefix_caching=self.enable_prefix_caching, **cache_kwargs),
+                enable_prefix_caching=prefix_caching, kv_allocator=self.kv_allocator,
+                **cache_kwargs),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched,
                 max_model_len=max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
@@ -91,6 +122,7 @@ class EngineArgs:
             async_scheduling=(device == "cuda" if self.async_scheduling is None
                               else self.async_scheduling),
             cpu_threads=self.cpu_threads,
+            sim_profile=sim_profile,
         )
 
     # ---- CLI ---------------------------------------------------------------------------------
@@ -98,7 +130,13 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         d = EngineArgs()
         parser.add_argument("--model", default=None,
-                            help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+                            help="HF directory, .gguf file or Hub id ORG/NAME (from the Hugging "
+                            "Face cache, else downloaded; default: SmolLM2-135M-Instruct)")
+        parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id")
+        parser.add_argument("--download-dir", default=None,
+                            help="Hugging Face cache directory (default: HF_HOME's)")
+        parser.add_argument("--trust-remote-code", action="store_true",
+                            help="refused with an error: pagedllm runs no checkpoint code")
         parser.add_argument("--dtype", default=d.dtype, choices=_DTYPES)
         parser.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS)
         parser.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
@@ -110,7 +148,17 @@ class EngineArgs:
         parser.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill",
                             action="store_false")
         parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                            action="store_false")
+                            action="store_false", default=None)
+        parser.add_argument("--kv-allocator", default=d.kv_allocator, choices=KV_ALLOCATORS,
+                            help="paged: PagedAttention blocks (default); orca-max / orca-pow2 "
+                            "/ orca-oracle: the paper's baselines, one contiguous region per "
+                            "request reserved for max_model_len / prompt + the output length "
+                            "rounded up to a power of two / prompt + max_tokens (no prefix "
+                            "caching, n > 1, beam search or swap)")
+        parser.add_argument("--sim-profile", default=None,
+                            help="with --load-format simulate: the device the cost model "
+                            f"prices steps on ({DEFAULT_SIM_PROFILE} by default; h100-80gb, "
+                            "h200, cpu, or a JSON file; see pagedllm/sim/profiles.json)")
         parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
         parser.add_argument("--gpu-memory-utilization", type=float,
                             default=d.gpu_memory_utilization)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 
 from pagedllm.config import EngineConfig
@@ -37,7 +38,8 @@ __all__ = ["AsyncLLM", "EngineDeadError", "EngineDrainingError", "QueueFullError
 
 
 class QueueFullError(RuntimeError):
-    """The waiting queue already holds `max_waiting` requests (the server answers 429)."""
+    """The request would wait beyond `max_waiting` requests or `max_queued_tokens` tokens
+    (the server answers 429)."""
 
 
 class EngineDrainingError(RuntimeError):
@@ -128,20 +130,27 @@ def _finished_reason(out: RequestOutput) -> str:
 class AsyncLLM:
     """Serve the engine to asyncio code: `stream = await add_request(...)`, `async for`.
 
-    `max_waiting`: reject a new request (QueueFullError) while the core's waiting queue
-    (as of its last report, plus the requests sent since) holds that many; None: no limit.
+    Admission control counts the real queue: with `max_waiting` (requests) or
+    `max_queued_tokens` (prompt tokens) set, the core refuses a new request that would still
+    wait after the step that first sees it beyond either limit (Scheduler._control_admission),
+    and `add_request` returns only once the core kept it, or raises QueueFullError: a server
+    answers 429 before sending any header. Requests that fit a free slot are never refused.
     """
 
     def __init__(self, config: EngineConfig, tokenizer, engine_core: str = "process",
-                 max_waiting: int | None = None, engine_timeout_s: float | None = None) -> None:
+                 max_waiting: int | None = None, max_queued_tokens: int | None = None,
+                 engine_timeout_s: float | None = None) -> None:
         if engine_core not in ("process", "thread"):
             raise ValueError(f"engine_core must be 'process' or 'thread', got {engine_core!r}")
+        config = dataclasses.replace(config, scheduler=dataclasses.replace(
+            config.scheduler, max_waiting=max_waiting, max_queued_tokens=max_queued_tokens))
+        self._admission_control = max_waiting is not None or max_queued_tokens is not None
+        self._admissions: dict[str, asyncio.Future] = {}  # sent, not yet kept or refused
         self.config = config
         self.tokenizer = tokenizer
         self.validator = RequestValidator(config, tokenizer)
         self.max_model_len = config.model.max_model_len
         self.vocab_size = config.model.hf_config.vocab_size
-        self.max_waiting = max_waiting
         self.output_processor = OutputProcessor(tokenizer)
         kwargs = {} if engine_timeout_s is None else {"engine_timeout_s": engine_timeout_s}
         self.client = AsyncMPClient(config, eos_token_ids(tokenizer, config.model.hf_config),
@@ -153,7 +162,6 @@ class AsyncLLM:
         self._stopping = False
         self._draining = False
         self._reader: asyncio.Task | None = None
-        self._sent_since_stats = 0  # requests sent after the core's last stats
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **kwargs) -> AsyncLLM:
@@ -192,6 +200,7 @@ class AsyncLLM:
             return
         logger.warning("shutdown timeout: aborting %d open request(s)", len(self._streams))
         error = EngineDeadError("the server is shutting down; the request was aborted")
+        self._fail_admissions(error)
         for request_id, stream in list(self._streams.items()):
             stream.put(error)
             self.abort(request_id)  # frees its blocks in the core
@@ -219,28 +228,50 @@ class AsyncLLM:
                           arrival_time: float | None = None, priority: int = 0,
                           cache_salt: str | None = None) -> RequestStream:
         """Queue a request. Raises ValueError for bad input, QueueFullError, or
-        EngineDeadError; in each case nothing is left queued."""
+        EngineDeadError; in each case nothing is left queued (a caller cancelled while the
+        core decides aborts the request)."""
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if self.max_waiting is not None:
-            waiting = self.client.stats.get("num_requests_waiting", 0) + self._sent_since_stats
-            if waiting >= self.max_waiting:
-                raise QueueFullError(
-                    f"the server is busy: the waiting queue is full ({waiting} waiting, "
-                    f"max_waiting={self.max_waiting}); retry later")
         req = self.validator.make_request(request_id, prompt, params, prompt_token_ids,
                                           priority, arrival_time, cache_salt)
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         self.output_processor.add_request(req, prompt)
+        admitted = None
+        if self._admission_control:
+            admitted = self._admissions[request_id] = asyncio.get_running_loop().create_future()
         self.client.add_request(req)
-        self._sent_since_stats += 1
+        if admitted is not None:
+            try:
+                await admitted
+            except BaseException:
+                self.abort(request_id, counted=False)
+                raise
         return stream
 
-    def abort(self, request_id: str) -> None:
+    def _admit(self, out) -> bool:
+        """Settle a request's admission from the core's marker or refusal; True if `out`
+        was one (it carries nothing for the stream)."""
+        if not (out.admitted or out.queue_full):
+            return False
+        future = self._admissions.pop(out.request_id, None)
+        if out.queue_full:
+            self._streams.pop(out.request_id, None)
+            self.output_processor.abort_request(out.request_id)
+        if future is not None and not future.done():
+            if out.queue_full:
+                future.set_exception(QueueFullError(out.error))
+            else:
+                future.set_result(None)
+        return True
+
+    def abort(self, request_id: str, counted: bool = True) -> None:
         """Stop a request; unknown or finished ids are ignored."""
-        if self._streams.pop(request_id, None) is not None:
+        future = self._admissions.pop(request_id, None)
+        if future is not None:
+            future.cancel()
+        if self._streams.pop(request_id, None) is not None and counted:
             self.metrics.count_finished("abort")
         self.output_processor.abort_request(request_id)
         if self._dead is None and not self._stopping:
@@ -261,11 +292,10 @@ class AsyncLLM:
         try:
             while True:
                 for msg in await client.get_output_async(busy=bool(self._streams)):
-                    if msg.stats is not None:
-                        self._sent_since_stats = 0
-                    if not msg.outputs:
+                    outputs = [o for o in msg.outputs if not self._admit(o)]
+                    if not outputs:
                         continue
-                    processed = self.output_processor.process_outputs(msg.outputs)
+                    processed = self.output_processor.process_outputs(outputs)
                     client.abort_requests(processed.abort)
                     client.finish_seqs(processed.finish_seqs)
                     self._dispatch(processed.request_outputs)
@@ -296,10 +326,15 @@ class AsyncLLM:
             stream.put(out)
 
     def _fail_all(self, exc: BaseException) -> None:
+        self._fail_admissions(exc)
         for request_id, stream in list(self._streams.items()):
             stream.put(exc)
             self.output_processor.abort_request(request_id)
             self.metrics.count_finished("error")
         self._streams.clear()
 
-
+    def _fail_admissions(self, exc: BaseException) -> None:
+        for future in self._admissions.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._admissions.clear()

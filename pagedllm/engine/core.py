@@ -11,48 +11,34 @@ The same class runs in the caller's process (InprocClient) or in its own (core_p
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from pagedllm.config import EngineConfig
-from pagedllm.core.block_manager import BlockManager
+from pagedllm.config import EngineConfig, check_kv_allocator
+from pagedllm.core.reservation import create_kv_allocator
 from pagedllm.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from pagedllm.core.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedllm.engine.beam_search import BeamState
-from pagedllm.engine.protocol import BeamHypothesis, EngineCoreOutput, EngineCoreRequest, SeqDelta
+from pagedllm.engine.core_state import (
+    RequestState, SeqState, advance_matcher, make_output, sampling_metadata,
+    store_prompt_logprobs,
+)
+from pagedllm.engine.isolation import StepIsolation
+from pagedllm.engine.protocol import EngineCoreOutput, EngineCoreRequest
+from pagedllm.engine.structured_output import StructuredOutputManager, token_ids_bitmask
 from pagedllm.executor import create_executor
 from pagedllm.layers.sampler import SamplingMetadata, TokenLogprobs
+from pagedllm.loader import load_tokenizer
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedllm")
 
 _LOG_INTERVAL_S = 5.0
-
-
-@dataclass(slots=True)
-class SeqState:
-    """Core-side state of one sequence (kept in Sequence.data; core/ never looks inside)."""
-
-    index: int  # position in its request, as the frontend numbers outputs
-    generator: torch.Generator | None
-    new_token_ids: list[int] = field(default_factory=list)  # not yet sent to the frontend
-    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    sent_finish: bool = False
-
-
-@dataclass(slots=True)
-class RequestState:
-    """Core-side state of one request (kept in SequenceGroup.data)."""
-
-    streams: bool  # send deltas every step (else only once, when finished)
-    started: bool = False  # its first token arrived (prompt tokens counted)
-    num_prompt_logprobs: int = 0  # prompt positions whose logprobs were computed
-    new_prompt_logprobs: list[TokenLogprobs] | None = None
-    error: str | None = None
-    beam: BeamState | None = None
 
 
 @dataclass(slots=True)
@@ -71,19 +57,32 @@ class EngineCore:
         cc = config.cache
         num_blocks = self.executor.determine_num_blocks()
         block_bytes = self.executor.block_bytes()
-        num_cpu_blocks = int(cc.swap_space * 2**30) // block_bytes
+        # The Orca baselines never preempt (each request holds its whole length): no swap pool.
+        num_cpu_blocks = int(cc.swap_space * 2**30) // block_bytes \
+            if cc.kv_allocator == "paged" else 0
         self.executor.init_cache(num_blocks, num_cpu_blocks)
-        self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching,
-                                          num_cpu_blocks)
+        self.block_manager = create_kv_allocator(
+            cc.kv_allocator, num_blocks, cc.block_size, cc.enable_prefix_caching, num_cpu_blocks,
+            config.model.max_model_len, config.model.sliding_window)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.max_model_len = config.model.max_model_len
         self.eos_token_ids = set(eos_token_ids)
         self.requests: dict[str, SequenceGroup] = {}
         self.stats = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
-                      "num_requests_failed_total": 0}
+                      "num_requests_failed_total": 0, "step_failures_total": 0,
+                      "num_requests_refused_total": 0}
         self._last_log = (time.monotonic(), 0, 0)
         self._inflight: InflightStep | None = None
         self._num_sync_groups = 0  # live requests that need synchronous steps
+        self.isolation = StepIsolation(self)
+        self._step_groups: list[SequenceGroup] = []  # the requests the current step runs
+        self._outbox: list[EngineCoreOutput] = []  # failed before their step: sent with it
+        # Structured requests wait here, outside the scheduler, while their grammar compiles.
+        # (A function of the config, not a bound method: no cycle through the core.)
+        self.structured_output = StructuredOutputManager(
+            functools.partial(load_tokenizer, config.model.model, config.model.load_format),
+            config.model.hf_config.vocab_size)
+        self._grammar_wait: dict[str, tuple[SequenceGroup, object]] = {}
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB per rank) on %s, %d CPU swap "
             "blocks", num_blocks, cc.block_size, num_blocks * cc.block_size,
@@ -107,6 +106,7 @@ class EngineCore:
                                     logprobs=beam.num_candidates, detokenize=False)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
+        check_kv_allocator(self.config, params.n, beam is not None)
         ids = req.prompt_token_ids
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         seq = Sequence(self.scheduler.new_seq_id(), ids)
@@ -121,9 +121,34 @@ class EngineCore:
             group.arrival_time = req.arrival_time
         if params.prompt_logprobs is not None:
             group.data.num_prompt_logprobs = 1  # position 0 has none
+        if params.allowed_token_ids:
+            group.data.allowed_bitmask = token_ids_bitmask(
+                params.allowed_token_ids, self.config.model.hf_config.vocab_size)
         self.requests[req.request_id] = group
         self._num_sync_groups += params.needs_sync_steps
-        self.scheduler.add(group)
+        if params.structured_outputs is not None:
+            self._grammar_wait[req.request_id] = (group,
+                                                  self.structured_output.compile(params))
+        else:
+            self.scheduler.add(group)
+
+    def _admit_compiled(self) -> None:
+        """Hand requests whose grammar is ready to the scheduler (or fail them). If nothing
+        else can run, wait a little for one, rather than spin the step loop."""
+        if not self.scheduler.has_unfinished() and self._inflight is None:
+            futures = [f for _, f in self._grammar_wait.values()]
+            concurrent.futures.wait(futures, timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        for request_id, (group, future) in list(self._grammar_wait.items()):
+            if not future.done():
+                continue
+            del self._grammar_wait[request_id]
+            try:
+                group.seqs[0].data.matcher = future.result()
+            except Exception as exc:
+                self._outbox.append(self.fail(group, f"cannot build the grammar: {exc}"))
+                continue
+            self.scheduler.add(group)
 
     def _seq_state(self, index: int, params: SamplingParams) -> SeqState:
         gen = None
@@ -135,7 +160,9 @@ class EngineCore:
     def abort_requests(self, request_ids: list[str]) -> None:
         """Stop requests now and free their blocks (unknown or finished ids are ignored)."""
         for request_id in request_ids:
-            group = self.scheduler.abort(request_id)
+            waiting = self._grammar_wait.pop(request_id, None)
+            group = (waiting[0] if waiting else self.scheduler.abort(request_id)
+                     or self.isolation.remove(request_id))
             if group is not None:
                 self._remove(group)
                 for seq in group.seqs:
@@ -158,9 +185,11 @@ class EngineCore:
         """The one way out of the core for a request."""
         if self.requests.pop(group.request_id, None) is not None:
             self._num_sync_groups -= group.params.needs_sync_steps
+            self.isolation.suspicions.pop(group.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return (self.scheduler.has_unfinished() or self._inflight is not None
+                or bool(self.isolation.quarantine) or bool(self._grammar_wait))
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -176,22 +205,60 @@ class EngineCore:
         A sequence that finishes in N (EOS, stop id) has one wasted row in N+1, dropped.
         Requests that must see every token on the host before the next step is planned (beam
         search, penalties, logprobs) switch the core to synchronous steps while they live.
-        """
-        if self.config.async_scheduling and not self._num_sync_groups:
-            return self._step_async()
-        if self._inflight is not None:
-            return self._drain()
-        return self._step_sync()
 
-    def _schedule(self) -> tuple[SchedulerOutput, list, list, SamplingMetadata | None]:
+        A step that raises fails the request that caused it, not the engine (isolation.py).
+        """
+        self._step_groups = []
+        if self._grammar_wait:
+            self._admit_compiled()
+        try:
+            if self.isolation.quarantine and self._inflight is None:
+                outputs = self.isolation.trial()
+                if outputs is not None:
+                    return self._take_outbox() + outputs
+            if self.config.async_scheduling and not self._num_sync_groups \
+                    and not self.isolation.quarantine:
+                outputs = self._step_async()
+            elif self._inflight is not None:
+                outputs = self._drain()
+            else:
+                outputs = self._step_sync()
+        except Exception as exc:
+            self._inflight = None
+            self.stats["step_failures_total"] += 1
+            outputs = self.isolation.recover(exc, self._step_groups)
+        return self._take_outbox() + outputs
+
+    def _take_outbox(self) -> list[EngineCoreOutput]:
+        outputs, self._outbox = self._outbox, []
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
         out = self.scheduler.schedule()
-        outputs = [self._fail(group, reason) for group, reason in out.rejected]
+        self._step_groups += list({id(e.group): e.group for e in out.scheduled}.values())
+        self._outbox += [self.fail(group, reason) for group, reason in out.rejected]
+        self._outbox += [EngineCoreOutput(g.request_id, admitted=True) for g in out.admitted]
+        for group, reason in out.refused:
+            self._remove(group)
+            self.stats["num_requests_refused_total"] += 1
+            self._outbox.append(EngineCoreOutput(group.request_id, finished=True, error=reason,
+                                                 queue_full=True))
+        return out
+
+    def _sampling(self, out: SchedulerOutput
+                  ) -> tuple[list[tuple[int, Sequence]], SamplingMetadata | None]:
         rows = self._sample_rows(out.scheduled)  # (entry index, sequence) per sampler row
-        sampling = self._sampling_metadata(out.scheduled, rows) if rows else None
-        return out, outputs, rows, sampling
+        if not rows:
+            return rows, None
+        return rows, sampling_metadata(out.scheduled, rows, self.eos_token_ids,
+                                       self.structured_output, self.executor.device)
 
     def _step_sync(self) -> list[EngineCoreOutput]:
-        out, outputs, rows, sampling = self._schedule()
+        return self.run_scheduled(self._schedule())
+
+    def run_scheduled(self, out: SchedulerOutput) -> list[EngineCoreOutput]:
+        """Run a planned step synchronously and process its tokens."""
+        rows, sampling = self._sampling(out)
         want_plp = {e.seq.seq_id: e.group.params.prompt_logprobs for e in out.scheduled
                     if e.group.params.prompt_logprobs is not None
                     and e.seq.num_computed_tokens < e.seq.num_prompt_tokens - 1}
@@ -199,15 +266,19 @@ class EngineCore:
         self.scheduler.update_from_output(out)
         for e in out.scheduled:
             if e.seq.seq_id in result.prompt_logprobs:
-                self._store_prompt_logprobs(e, *result.prompt_logprobs[e.seq.seq_id])
+                store_prompt_logprobs(e, *result.prompt_logprobs[e.seq.seq_id])
         sampled = result.sampler_output
         if sampled is None:
-            return outputs + self._process(out, rows, [], None)
-        return outputs + self._process(out, rows, sampled.sampled_token_ids, sampled.logprobs)
+            return self._process(out, rows, [], None)
+        return self._process(out, rows, sampled.sampled_token_ids, sampled.logprobs)
 
     def _step_async(self) -> list[EngineCoreOutput]:
-        out, outputs, rows, sampling = self._schedule()
-        prev, self._inflight = self._inflight, None
+        out = self._schedule()
+        prev, outputs = self._inflight, []
+        if prev is not None:
+            self._step_groups += [e.group for e in prev.out.scheduled]
+        rows, sampling = self._sampling(out)
+        self._inflight = None
         if out.scheduled:
             handle = self.executor.launch(out, sampling, [i for i, _ in rows],
                                           self._inputs_from_device(out, prev))
@@ -228,6 +299,7 @@ class EngineCore:
 
     def _drain(self) -> list[EngineCoreOutput]:
         prev, self._inflight = self._inflight, None
+        self._step_groups = [e.group for e in prev.out.scheduled]
         return self._process(prev.out, prev.rows, self.executor.collect(prev.handle), None)
 
     @staticmethod
@@ -275,7 +347,7 @@ class EngineCore:
         for group in self.scheduler.remove_finished():
             touched[group.request_id] = group
             self._remove(group)
-        outputs = [o for g in touched.values() if (o := self._make_output(g)) is not None]
+        outputs = [o for g in touched.values() if (o := make_output(g)) is not None]
         self._maybe_log()
         return outputs
 
@@ -293,7 +365,9 @@ class EngineCore:
             seq.data.new_logprobs.append(lp)
         num_known = seq.num_known_tokens  # a later step's placeholder may follow this token
         status = None
-        if num_known - seq.num_prompt_tokens >= params.min_tokens:
+        if seq.data.matcher is not None and advance_matcher(seq, token):
+            status = SequenceStatus.FINISHED_STOPPED  # the grammar is complete
+        elif num_known - seq.num_prompt_tokens >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
                 status = SequenceStatus.FINISHED_STOPPED
             elif token in (params.stop_token_ids or ()):
@@ -313,32 +387,6 @@ class EngineCore:
             group.data.started = True
             self.stats["prompt_tokens_total"] += seq.num_prompt_tokens
 
-    def _make_output(self, group: SequenceGroup) -> EngineCoreOutput | None:
-        """The request's delta since its last one (None while it has nothing to say)."""
-        state: RequestState = group.data
-        done = group.is_done
-        if state.beam is not None:
-            if not done:
-                return None
-            return EngineCoreOutput(group.request_id, finished=True, beams=[
-                BeamHypothesis(h.token_ids, h.cum_logprob, h.ended_on_eos)
-                for h in state.beam.results()])
-        if not done and not state.streams:
-            return None  # FINAL_ONLY: tokens pile up in SeqState until the end
-        deltas = []
-        for seq in group.seqs:
-            d: SeqState = seq.data
-            finish = None if seq.num_output_placeholders or d.sent_finish \
-                else seq.status.finish_reason
-            if d.new_token_ids or finish is not None:
-                deltas.append(SeqDelta(d.index, d.new_token_ids, d.new_logprobs or None, finish,
-                                       seq.stop_reason if finish else None))
-                d.new_token_ids, d.new_logprobs = [], []
-                if finish is not None:
-                    d.sent_finish = True
-        plp, state.new_prompt_logprobs = state.new_prompt_logprobs, None
-        return EngineCoreOutput(group.request_id, deltas, done, plp, group.num_cached_tokens)
-
     def _sample_rows(self, scheduled: list[ScheduledSeq]) -> list[tuple[int, Sequence]]:
         """Which sequences sample this step, and from which entry's logits (a sequence the
         scheduler forked for n > 1 samples from its parent's)."""
@@ -349,6 +397,9 @@ class EngineCore:
             rows.append((i, e.seq))
             for child in e.forks:
                 child.data = self._seq_state(e.group.seqs.index(child), e.group.params)
+                if e.seq.data.matcher is not None:  # n > 1: each sample its own matcher
+                    assert e.seq.data.num_matched == 0
+                    child.data.matcher = e.seq.data.matcher.deep_copy()
                 rows.append((i, child))
         return rows
 
@@ -358,25 +409,6 @@ class EngineCore:
         child.data = self._seq_state(len(group.seqs), group.params)
         group.seqs.append(child)
         return child
-
-    def _sampling_metadata(self, scheduled: list[ScheduledSeq],
-                           rows: list[tuple[int, Sequence]]) -> SamplingMetadata:
-        params, gens, prompts, outs, banned = [], [], [], [], []
-        for i, seq in rows:
-            p = scheduled[i].group.params
-            params.append(p)
-            gens.append(seq.data.generator)
-            prompts.append(seq.prompt_token_ids if p.repetition_penalty != 1.0 else [])
-            outs.append(seq.output_token_ids if p.has_penalties else [])
-            # EOS and stop token ids are not allowed before min_tokens.
-            if seq.num_output_tokens < p.min_tokens:
-                ids = list(p.stop_token_ids or [])
-                if not p.ignore_eos:
-                    ids += sorted(self.eos_token_ids)
-                banned.append(ids)
-            else:
-                banned.append([])
-        return SamplingMetadata.build(params, gens, prompts, outs, banned, self.executor.device)
 
     def _beam_step(self, group: SequenceGroup) -> None:
         """Run a beam step once every live beam has new logits (engine/beam_search.py), and
@@ -404,17 +436,8 @@ class EngineCore:
         # Finished beams live on only as hypotheses (one is kept: it holds the prompt).
         group.seqs = group.live_seqs() or group.seqs[:1]
 
-    def _store_prompt_logprobs(self, e: ScheduledSeq, start: int, rows: list) -> None:
-        state: RequestState = e.group.data
-        for j, row in enumerate(rows):
-            if start + 1 + j < state.num_prompt_logprobs:
-                continue  # already stored (a prefill recomputed after preemption)
-            state.num_prompt_logprobs += 1
-            if state.new_prompt_logprobs is None:
-                state.new_prompt_logprobs = []
-            state.new_prompt_logprobs.append(row)
-
-    def _fail(self, group: SequenceGroup, reason: str) -> EngineCoreOutput:
+    def fail(self, group: SequenceGroup, reason: str) -> EngineCoreOutput:
+        """End a request with an error (it is out of the scheduler and holds no blocks)."""
         logger.error(reason)
         self._remove(group)
         self.stats["num_requests_failed_total"] += 1
@@ -425,7 +448,8 @@ class EngineCore:
         s = self.scheduler
         return {
             "num_requests_running": len(s.running),
-            "num_requests_waiting": len(s.waiting),
+            "num_requests_waiting": len(s.waiting) + len(self.isolation)
+            + len(self._grammar_wait),
             "num_requests_swapped": len(s.swapped),
             "kv_cache_usage_perc": self.block_manager.usage(),
             "num_preemptions_total": s.num_preemptions,
@@ -434,6 +458,9 @@ class EngineCore:
             "prefix_cache_queries_total": s.prefix_cache_queries,
             "prefix_cache_hits_total": s.prefix_cache_hits,
             "num_gpu_blocks": self.block_manager.pool.num_blocks,
+            # The paper's Fig. 2 split, averaged over every step so far (core/kv_accounting.py)
+            **{f"kv_memory_{name}": share for name, share in s.kv_memory.shares().items()},
+            **self.executor.metrics(),
             **self.stats,
         }
 
@@ -443,6 +470,7 @@ class EngineCore:
         return True
 
     def shutdown(self) -> None:
+        self.structured_output.shutdown()
         self.executor.shutdown()
 
     def _maybe_log(self) -> None:
@@ -458,3 +486,4 @@ class EngineCore:
             "waiting: %d, swapped: %d, KV cache usage: %.1f%%", (p - p0) / (now - t0),
             (g - g0) / (now - t0), len(s.running), len(s.waiting), len(s.swapped),
             100 * self.block_manager.usage())
+

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import time
 
-from pagedllm.config import EngineConfig
+from pagedllm.config import EngineConfig, check_kv_allocator
+from pagedllm.engine import structured_output
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.core_client import EngineDeadError, InprocClient, SyncMPClient
 from pagedllm.engine.output_processor import OutputProcessor
@@ -33,6 +34,7 @@ class RequestValidator:
     AsyncLLM): bad input raises ValueError naming what is wrong, and nothing is queued."""
 
     def __init__(self, config: EngineConfig, tokenizer) -> None:
+        self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = config.model.max_model_len
         self.vocab_size = config.model.hf_config.vocab_size
@@ -72,6 +74,15 @@ class RequestValidator:
             if value is not None and value > vocab:
                 raise ValueError(f"{name} must be at most the vocabulary size {vocab}, "
                                  f"got {value}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            bad = next((t for t in getattr(params, name) or () if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"{name} must hold token ids in the vocabulary [0, {vocab}), "
+                                 f"got {bad}")
+        if params.bad_words and params.bad_words_token_ids is None:
+            params.bad_words_token_ids = structured_output.bad_words_token_ids(
+                self.tokenizer, params.bad_words)
+        structured_output.validate(params)
         return params
 
     def make_request(self, request_id: str, prompt: str | None, params, prompt_token_ids=None,
@@ -85,6 +96,7 @@ class RequestValidator:
             beam = params
         else:
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
+        check_kv_allocator(self.config, sampling.n if sampling else 1, beam is not None)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt must be a non-empty string")
         return EngineCoreRequest(str(request_id), ids, sampling, beam,
@@ -105,6 +117,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer)
         self.client = (InprocClient(config, self.eos_token_ids) if engine_core == "inproc"
                        else SyncMPClient(config, self.eos_token_ids, placement=engine_core))
+        if engine_core == "inproc":  # the core's grammar engine needs no second tokenizer
+            self.client.core.structured_output.set_tokenizer(tokenizer)
         self.stats = {"num_requests_finished_total": 0}
 
     @classmethod

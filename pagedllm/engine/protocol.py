@@ -55,6 +55,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     num_cached_tokens: int = 0
     error: str | None = None  # the core failed the request (e.g. it can never fit)
     beams: list[BeamHypothesis] | None = None  # beam search: the final hypotheses
+    # Admission control: the request is queued (a marker with nothing else), or refused
+    # because the waiting queue is full (finished, with `error` saying why).
+    admitted: bool = False
+    queue_full: bool = False
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

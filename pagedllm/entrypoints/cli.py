@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     for p in (gen, chat):
         EngineArgs.add_cli_args(p)
         _sampling_args(p)
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="the model, as `vllm serve MODEL` takes it (same as --model)")
     EngineArgs.add_cli_args(serve)
     try:
         from pagedllm.entrypoints.openai.api_server import add_serve_args
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass  # the server's dependencies are an extra: pip install pagedllm[serve]
     args = parser.parse_args(argv)
+    if getattr(args, "model_tag", None) is not None:
+        if args.model is not None and args.model != args.model_tag:
+            parser.error(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         cmd_generate(args)

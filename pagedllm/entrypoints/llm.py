@@ -130,12 +130,15 @@ class LLM:
 
     @staticmethod
     def encode_chat_with(tokenizer, conversation: list[dict],
-                         add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered by the tokenizer's chat template."""
+                         add_generation_prompt: bool = True,
+                         tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation rendered by the tokenizer's chat template (which gets
+        `tools`, as transformers passes them, when given)."""
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use generate()")
         text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+            **({"tools": tools} if tools else {}))
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def get_metrics(self) -> dict:

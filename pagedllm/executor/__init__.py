@@ -3,6 +3,8 @@
     uni  the one worker inside the engine-core process (tp = 1)
     mp   rank 0 inside the engine-core process, ranks 1.. as spawned processes (torch.distributed)
     ray  rank 0 inside the engine-core process, ranks 1.. as Ray actors in a placement group
+    simulated  (load_format="simulate") no model: a cost model prices each step on a virtual
+         clock and a seeded stream supplies the tokens (executor/simulated.py)
 
 Every executor has the same surface (see `Executor`), so EngineCore never knows which one runs.
 """
@@ -17,6 +19,10 @@ __all__ = ["Executor", "ModelRunnerOutput", "create_executor", "verify_devices"]
 
 def create_executor(config: EngineConfig) -> Executor:
     """The executor the config asks for; it loads the model on every rank."""
+    if config.model.load_format == "simulate":  # every rank is priced by one cost model
+        from pagedllm.executor.simulated import SimulatedExecutor
+
+        return SimulatedExecutor(config)
     verify_devices(config)
     backend = config.parallel.distributed_executor_backend
     if backend == "mp":

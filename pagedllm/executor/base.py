@@ -51,6 +51,10 @@ class Executor:
     def collect(self, handle) -> list[int]:
         raise NotImplementedError
 
+    def metrics(self) -> dict:
+        """Executor numbers for get_metrics() (the simulator's virtual clock)."""
+        return {}
+
     def check_health(self) -> None:
         """Raise RuntimeError naming the rank if a worker is gone."""
 

@@ -1,5 +1,9 @@
 """PagedAttention layer: write this step's K/V into the paged cache, then attend through the
-block tables (decode-only batches take the decode kernel, anything else the prefill kernel)."""
+block tables (decode-only batches take the decode kernel, anything else the prefill kernel).
+
+sliding_window W: a query at position p sees only keys p - W < k <= p (Mistral, Gemma 3's local
+layers; HF's convention). When every layer of a model slides, the block manager frees blocks
+that have left the window (their table entries become -1), and the kernels never read them."""
 
 from __future__ import annotations
 
@@ -11,12 +15,15 @@ from pagedllm.ops import backend
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
+        assert sliding_window is None or sliding_window >= 1, sliding_window
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        self.sliding_window = sliding_window
         # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the cache engine.
         self.kv_cache: torch.Tensor | None = None
 
@@ -28,7 +35,7 @@ class Attention(nn.Module):
         if meta.is_decode_only:
             return backend.paged_decode_attention(
                 q, key_cache, value_cache, meta.block_tables, meta.seq_lens, self.scale,
-                max_seq_len=meta.max_seq_len)
+                max_seq_len=meta.max_seq_len, sliding_window=self.sliding_window)
         return backend.paged_prefill_attention(
             q, key_cache, value_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            self.scale, max_seq_len=meta.max_seq_len)
+            self.scale, max_seq_len=meta.max_seq_len, sliding_window=self.sliding_window)

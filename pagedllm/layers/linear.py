@@ -140,3 +140,25 @@ class RowParallelLinear(_PackedLinearMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = tp_all_reduce(gemm.linear(x, self.weight, None, self.packed_weight))
         return y if self.bias is None else y + self.bias
+
+
+class ReplicatedLinear(_PackedLinearMixin, nn.Module):
+    """y = x W^T with the whole W on every rank: for small projections that are not worth
+    splitting (an MoE router, OPT's project_in/out)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        assert param.shape == loaded.shape, f"{tuple(loaded.shape)} != {tuple(param.shape)}"
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemm.linear(x, self.weight, self.bias, self.packed_weight)

@@ -43,13 +43,26 @@ def rope_config(hf_config) -> tuple[float, dict | None]:
     return float(getattr(hf_config, "rope_theta", 10000.0)), getattr(hf_config, "rope_scaling", None)
 
 
+def partial_rotary_factor(hf_config) -> float:
+    """The share of each head that RoPE turns (Phi-3.5/Phi-4-mini: 0.75); 1.0 for most."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    return float(params.get("partial_rotary_factor",
+                            getattr(hf_config, "partial_rotary_factor", None) or 1.0))
+
+
 class RotaryEmbedding(nn.Module):
+    """RoPE over the first `rotary_dim` features of each head (all of them by default); the
+    rest pass through unchanged, as in HF's partial rotary (Phi-3)."""
+
     def __init__(
-        self, head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None
+        self, head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None,
+        rotary_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = _inv_freq(head_dim, base)
+        self.rotary_dim = rotary_dim or head_dim
+        assert self.rotary_dim % 2 == 0 and self.rotary_dim <= head_dim
+        inv_freq = _inv_freq(self.rotary_dim, base)
         kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
         if kind == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
@@ -65,6 +78,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]
+        if self.rotary_dim < self.head_dim:
+            r = self.rotary_dim
+            q_rot, k_rot = self._rotate(positions, q[..., :r], k[..., :r])
+            return torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
+        return self._rotate(positions, q, k)
+
+    def _rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         if fused.use_fused(q):  # CUDA: q and k in one kernel; equal to the code below within
             # one rounding (ops/triton/layer_ops.py)
             return fused.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)

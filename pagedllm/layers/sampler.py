@@ -4,7 +4,9 @@ Order of processing (as in vLLM):
 
     raw logits ──► logprobs (log_softmax of the RAW logits, only if a row asked)
         │
-        ├─ banned tokens → -inf          (EOS / stop ids while output < min_tokens)
+        ├─ logit_bias                    (added to the request's token ids)
+        ├─ token bitmask → -inf          (grammar matchers, allowed_token_ids)
+        ├─ banned tokens → -inf          (EOS / stop ids while output < min_tokens, bad_words)
         ├─ repetition penalty            (tokens of prompt + output)
         ├─ frequency / presence penalty  (tokens of output only)
         ├─ greedy rows: argmax
@@ -66,6 +68,11 @@ class SamplingMetadata:
     banned_token_ids: torch.Tensor | None  # [B] i64 }
     num_logprobs: list[int | None]  # [N] the request's `logprobs`
     max_num_logprobs: int | None  # None when no row asked
+    bias_rows: torch.Tensor | None = None  # [K] i64 } logits[bias_rows, bias_token_ids]
+    bias_token_ids: torch.Tensor | None = None  # [K] i64 }   += bias_values
+    bias_values: torch.Tensor | None = None  # [K] f32 }
+    bitmask_rows: torch.Tensor | None = None  # [M] i64 rows whose allowed tokens are a bitmask
+    token_bitmask: torch.Tensor | None = None  # [M, ceil(V/32)] i32; bit t%32 of word t//32
 
     @classmethod
     def build(
@@ -76,10 +83,12 @@ class SamplingMetadata:
         output_token_ids: list[list[int]],
         banned_token_ids: list[list[int]] | None,
         device: torch.device | str,
+        token_bitmask: tuple[list[int], torch.Tensor] | None = None,
     ) -> SamplingMetadata:
         """One row per sequence that samples this step. ``generators[i]`` is the request's
         seeded generator (on ``device``) or None; ``banned_token_ids[i]`` are ids that row must
-        not produce now. Token lists are read only for rows with penalties."""
+        not produce now; ``token_bitmask`` is (rows, host bitmask [M, W]) of the rows limited to
+        a set of tokens. Token lists are read only for rows with penalties."""
         n = len(params)
         assert len(generators) == n and len(prompt_token_ids) == n and len(output_token_ids) == n
         assert banned_token_ids is None or len(banned_token_ids) == n
@@ -120,6 +129,18 @@ class SamplingMetadata:
             banned_rows = to_device(flat_rows, torch.int64, device)
             banned_ids = to_device(flat_ids, torch.int64, device)
 
+        bias_rows = bias_ids = bias_values = None
+        biased = [(i, t, b) for i, p in enumerate(params) if p.logit_bias
+                  for t, b in p.logit_bias.items()]
+        if biased:
+            bias_rows = to_device([r for r, _, _ in biased], torch.int64, device)
+            bias_ids = to_device([t for _, t, _ in biased], torch.int64, device)
+            bias_values = f32([b for _, _, b in biased])
+        bitmask_rows = bitmask = None
+        if token_bitmask is not None:
+            bitmask_rows = to_device(token_bitmask[0], torch.int64, device)
+            bitmask = token_bitmask[1].to(device)
+
         num_logprobs = [p.logprobs for p in params]
         max_num_logprobs = max((k for k in num_logprobs if k is not None), default=None)
         return cls(
@@ -143,6 +164,11 @@ class SamplingMetadata:
             banned_token_ids=banned_ids,
             num_logprobs=num_logprobs,
             max_num_logprobs=max_num_logprobs,
+            bias_rows=bias_rows,
+            bias_token_ids=bias_ids,
+            bias_values=bias_values,
+            bitmask_rows=bitmask_rows,
+            token_bitmask=bitmask,
         )
 
 
@@ -167,6 +193,13 @@ class Sampler(nn.Module):
             # vLLM v1's default: logprobs describe the model, not the sampling transforms.
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
+        if meta.bias_rows is not None or meta.bitmask_rows is not None:
+            logits = logits.clone()
+            if meta.bias_rows is not None:
+                logits.index_put_((meta.bias_rows, meta.bias_token_ids), meta.bias_values,
+                                  accumulate=True)
+            if meta.bitmask_rows is not None:
+                apply_token_bitmask(logits, meta.bitmask_rows, meta.token_bitmask)
         if meta.banned_rows is not None or meta.penalty_rows is not None:
             logits = apply_penalties(logits.clone(), meta)
 
@@ -215,6 +248,21 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
         - meta.presence_penalty.unsqueeze(1) * (counts > 0).float()
     )
     logits[rows] = sub
+    return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor
+                        ) -> torch.Tensor:
+    """IN PLACE: ``logits[rows[i], t] = -inf`` unless bit ``t % 32`` of ``bitmask[i, t // 32]``
+    is set (llguidance's and xgrammar's layout). Token ids past the mask are disallowed. The
+    torch path on every device: one unpack and one masked write, no per-row loop."""
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    # NOTE: >> on int32 is arithmetic (a negative word shifts in ones), but & 1 keeps only bit 0.
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)
+    if allowed.shape[1] < vocab_size:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab_size], float("-inf"))
     return logits
 
 

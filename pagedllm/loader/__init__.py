@@ -5,6 +5,8 @@
     gguf          GGUF metadata        GGUF tensors (de-quantized)    GGUF metadata
     dummy         config.json / GGUF   nothing: the caller runs       as above
                                        dummy.initialize_dummy_weights
+    simulate      config.json / GGUF   nothing, no model at all       as above
+                                       (executor/simulated.py)
 
 Weights are yielded one at a time under HF Llama names (`model.layers.0.self_attn.q_proj.weight`),
 so a model's per-parameter `weight_loader` can copy or shard each and let it go.
@@ -32,7 +34,7 @@ __all__ = [
     "resolve_load_format",
 ]
 
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "simulate")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -92,7 +94,8 @@ def load_tokenizer(model: str, load_format: str = "auto"):
     """A fast `transformers` tokenizer, with the chat template and special tokens set."""
     path, _ = _resolve(model, load_format)
     if path.endswith(".gguf"):
-        from pagedllm.loader.gguf import gguf_tokenizer, read_gguf
+        from pagedllm.loader.gguf import read_gguf
+        from pagedllm.loader.gguf_tokenizer import gguf_tokenizer
 
         return gguf_tokenizer(read_gguf(path))
     from transformers import AutoTokenizer
@@ -108,6 +111,8 @@ def _resolve(model: str, load_format: str) -> tuple[str, str | None]:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
                          f"got {load_format!r}")
+    if load_format == "simulate":  # the config (and tokenizer) as for dummy; no weights
+        load_format = "dummy"
     path = _local_path(model)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):

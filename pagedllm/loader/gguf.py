@@ -11,6 +11,7 @@ A `.gguf` file is one self-contained checkpoint:
 `gguf.GGUFReader` parses every one of the ~100k vocabulary strings into numpy views and takes
 ~4 s on the default model; the small reader below walks the same bytes in ~0.3 s. De-quantization
 is the `gguf` package's (`gguf.quants.dequantize`), so every block type it knows is supported.
+The tokenizer in the metadata is built by loader/gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,10 @@ _STRING, _ARRAY = 8, 9
 _PLAIN_DTYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
                  GGMLQuantizationType.BF16: torch.bfloat16}
 
-# general.architecture → (HF model_type, HF architecture). Both are the Llama block; qwen2 adds
-# q/k/v biases, which arrive as ordinary `attn_{q,k,v}.bias` tensors.
-ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+# general.architecture → (HF model_type, HF architecture). llama and qwen2 are the Llama block
+# (qwen2's q/k/v biases arrive as ordinary `attn_{q,k,v}.bias` tensors); gemma3 is its own.
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 
 # GGUF tensor names (llama.cpp's convention) → HF Llama names.
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
@@ -59,6 +61,16 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 normalises around both sublayers: llama.cpp's ffn_norm is its *pre*-feed-forward norm.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_LAYER_NAMES_BY_ARCH = {"gemma3": _GEMMA3_LAYER_NAMES}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -184,6 +196,9 @@ def gguf_to_config(gguf: GGUFFile):
     tied = "output.weight" not in gguf.tensors
     vocab_size = gguf.get("vocab_size") or gguf.tensors["token_embd.weight"].shape[0]
     md = gguf.metadata
+    eos = md.get("tokenizer.ggml.eos_token_id")
+    extra = _gemma3_config(gguf, hidden_size // num_heads, head_dim, eos) \
+        if gguf.arch == "gemma3" else {}
     return AutoConfig.for_model(
         model_type,
         architectures=[architecture],
@@ -200,8 +215,27 @@ def gguf_to_config(gguf: GGUFFile):
         max_position_embeddings=need("context_length"),
         tie_word_embeddings=tied,
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+        eos_token_id=extra.pop("eos_token_id", eos),
         pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
+        **extra,
+    )
+
+
+def _gemma3_config(gguf: GGUFFile, hidden_per_head: int, head_dim: int, eos: int | None) -> dict:
+    """The Gemma 3 fields llama.cpp's loader fixes in code rather than reads from the file
+    (each taken from the file when a newer converter writes it)."""
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens", [])
+    # Chat turns end with <end_of_turn>: an end of generation beside <eos>, as in Gemma's own
+    # generation_config and llama.cpp's end-of-generation tokens.
+    eos_ids = [eos] + ([tokens.index("<end_of_turn>")] if "<end_of_turn>" in tokens else [])
+    return dict(
+        eos_token_id=eos_ids,
+        sliding_window=gguf.get("attention.sliding_window"),
+        rope_local_base_freq=float(gguf.get("rope.freq_base_swa", 10000.0)),  # local layers
+        # 1 / sqrt(head_dim), except the 27B model (62 layers): 1 / sqrt(hidden / heads)
+        query_pre_attn_scalar=hidden_per_head if gguf.get("block_count") == 62 else head_dim,
+        final_logit_softcapping=gguf.get("final_logit_softcapping"),
+        attn_logit_softcapping=gguf.get("attn_logit_softcapping"),
     )
 
 
@@ -237,26 +271,31 @@ def iter_gguf_weights(gguf: GGUFFile, config) -> Iterator[tuple[str, torch.Tenso
     # gguf's block-wise de-quantization ~1.6x slower.
     blob = np.asarray(np.memmap(gguf.path, dtype=np.uint8, mode="r"))
     for info in gguf.tensors.values():
-        name = _hf_name(info.name)
+        name = _hf_name(info.name, gguf.arch)
         if name is None:
             # rope_freqs.weight: llama3-style per-dimension rope factors, which the config
             # cannot express; transformers drops it too, so outputs drift from llama.cpp's.
             logger.warning("%s: skipping GGUF tensor %s (not supported)", gguf.path, info.name)
             continue
         tensor = _load_tensor(blob, info)
-        if gguf.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if gguf.arch == "gemma3" and name.endswith("norm.weight"):
+            # NOTE: llama.cpp's converter stores Gemma's (1 + w) norm scales with the 1 added;
+            # HF's Gemma RMSNorm adds it itself.
+            tensor = tensor - 1
+        elif gguf.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             tensor = _unpermute_rope_rows(tensor, config.num_attention_heads)
         elif gguf.arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = _unpermute_rope_rows(tensor, config.num_key_value_heads)
         yield name, tensor
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if m := _LAYER_RE.fullmatch(gguf_name):
         layer, part, suffix = m.groups()
-        if part not in _LAYER_NAMES:
+        names = _LAYER_NAMES_BY_ARCH.get(arch, _LAYER_NAMES)
+        if part not in names:
             raise ValueError(f"unknown GGUF tensor {gguf_name!r}")
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
+        return f"model.layers.{layer}.{names[part]}.{suffix}"
     base, _, suffix = gguf_name.rpartition(".")
     if base in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[base]}.{suffix}"
@@ -288,56 +327,3 @@ def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     rest = w.shape[1:]
     half = w.shape[0] // num_heads // 2
     return w.reshape(num_heads, half, 2, *rest).transpose(1, 2).reshape(w.shape).contiguous()
-
-
-# ------------------------------------------------------------------------------- tokenizer
-
-
-def gguf_tokenizer(gguf: GGUFFile):
-    """A fast tokenizer built by transformers' GGUF converter, with our special tokens.
-
-    transformers' own `AutoTokenizer.from_pretrained(..., gguf_file=...)` builds the same
-    backend but (a) re-parses the file with GGUFReader twice (~9 s on the default model) and
-    (b) in its llama converter swaps bos/eos, so SmolLM2's eos becomes `<|im_start|>` (id 1).
-    Here the ids come straight from the metadata.
-    """
-    from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
-
-    md = gguf.metadata
-    if gguf.arch not in ARCHITECTURES:
-        raise ValueError(f"{gguf.path}: no tokenizer converter for GGUF architecture {gguf.arch!r}")
-    if "tokenizer.ggml.tokens" not in md:
-        raise ValueError(f"{gguf.path} has no tokenizer in its metadata")
-    tokenizer_dict = {hf_key: md[f"tokenizer.{key}"]
-                      for key, hf_key in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
-                      if f"tokenizer.{key}" in md}
-    backend, _ = convert_gguf_tokenizer(ARCHITECTURES[gguf.arch][0], tokenizer_dict)
-
-    # llama.cpp never splits CONTROL tokens (<|im_end|>, ...) or USER_DEFINED ones; not every
-    # transformers converter registers them all, so do it here (re-adding one is a no-op).
-    tokens = md["tokenizer.ggml.tokens"]
-    token_types = md.get("tokenizer.ggml.token_type", [])
-    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                for i, t in enumerate(token_types) if t == TokenType.CONTROL])
-    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                        for i, t in enumerate(token_types) if t == TokenType.USER_DEFINED])
-
-    def token(key: str) -> str | None:
-        token_id = md.get(f"tokenizer.ggml.{key}")
-        return tokens[token_id] if token_id is not None else None
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=token("bos_token_id"),
-        eos_token=token("eos_token_id"),
-        unk_token=token("unknown_token_id"),
-        pad_token=token("padding_token_id"),
-        add_bos_token=md.get("tokenizer.ggml.add_bos_token", False),
-        add_eos_token=md.get("tokenizer.ggml.add_eos_token", False),
-        chat_template=md.get("tokenizer.chat_template"),
-        # NOTE: transformers asks for cleanup on byte-level GGUF vocabularies, which rewrites
-        # " ," → "," when decoding; an engine that streams text wants decode(encode(s)) == s.
-        clean_up_tokenization_spaces=False,
-    )

@@ -2,15 +2,21 @@
 
 Attention K/V live in the paged cache (see layers/attention.py); the forward pass takes one flat
 batch of tokens from many sequences, with no padding between them.
+
+Families that differ from Llama in one place reuse these classes: Qwen3 (q/k RMSNorm,
+`qk_norm`), Phi-3 (fused checkpoint tensors, partial rotary), Mixtral and Qwen2-MoE (an MoE block
+in place of the MLP: `LlamaDecoderLayer.build_mlp`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from pagedllm.config import layer_sliding_windows
 from pagedllm.distributed.parallel_state import get_tp_size
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
@@ -19,7 +25,9 @@ from pagedllm.layers.linear import (
     MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
 )
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.rotary import RotaryEmbedding, rope_config
+from pagedllm.layers.rotary import RotaryEmbedding, partial_rotary_factor, rope_config
+from pagedllm.models.config_check import Supports
+from pagedllm.models.utils import load_params, packed
 
 
 class LlamaMLP(nn.Module):
@@ -34,7 +42,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool = False,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         tp = get_tp_size()
         self.head_dim = getattr(config, "head_dim", None) or (
@@ -47,11 +56,16 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
-                                        config.hidden_size)
+                                        config.hidden_size,
+                                        bias=getattr(config, "attention_bias", False))
+        # Qwen3: an RMSNorm over each head's q and k, before RoPE
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = RotaryEmbedding(
-            self.head_dim, config.max_position_embeddings, *rope_config(config))
+            self.head_dim, config.max_position_embeddings, *rope_config(config),
+            rotary_dim=int(self.head_dim * partial_rotary_factor(config)))
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
-                              scale=self.head_dim ** -0.5)
+                              scale=self.head_dim ** -0.5, sliding_window=sliding_window)
         assert tp == 1 or self.num_heads * tp == config.num_attention_heads
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -60,16 +74,21 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q, k, v)  # [T, Hq, D]
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool = False, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
+        # The window HF gives this layer (Mistral: every layer; layer_types: the sliding
+        # ones). A family that does not declare support for it is refused by config_check.
+        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm,
+                                        layer_sliding_windows(config)[layer_idx])
+        self.mlp = self.build_mlp(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -83,13 +102,18 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def build_mlp(self, config, layer_idx: int) -> nn.Module:
+        """The feed-forward block: [T, hidden] -> [T, hidden] (MoE families override it)."""
+        return LlamaMLP(config.hidden_size, config.intermediate_size)
+
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool = False,
+                 layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([layer_cls(config, qkv_bias, qk_norm, layer_idx=i)
+                                     for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -110,12 +134,16 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     qkv_bias = False
+    qk_norm = False
+    decoder_layer_cls = LlamaDecoderLayer
+    supports = Supports(activations=("silu",), rope_types=("default", "linear", "llama3"),
+                        assumes=(("mlp_bias", False),))
 
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, qkv_bias)
+        self.model = LlamaModel(config, qkv_bias, self.qk_norm, self.decoder_layer_cls)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -127,43 +155,17 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)  # [N, vocab]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Stream HF-named tensors into our (possibly fused, sharded) parameters.
-
-        A checkpoint tensor we have no place for, or a parameter nobody filled, is an error:
-        silently random weights are the worst kind of bug.
-        """
-        params = dict(self.named_parameters())
-        tied = getattr(self.config, "tie_word_embeddings", False)
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
-                continue
-            shard_id = None
-            for hf_part, (ours, shard) in self.packed_modules_mapping.items():
-                if f".{hf_part}." in name:
-                    name, shard_id = name.replace(f".{hf_part}.", f".{ours}."), shard
-                    break
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            param = params[name]
-            loader = getattr(param, "weight_loader", None)
-            if loader is None:
-                if param.shape != tensor.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != "
-                                     f"parameter shape {tuple(param.shape)}")
-                param.data.copy_(tensor)
-            else:
-                loader(param, tensor.to(param.device), shard_id)
-            loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}"
-                             f"{' ...' if len(missing) > 8 else ''}")
+        """Stream HF-named tensors into our (possibly fused, sharded) parameters."""
+        load_params(self, packed(weights, self.packed_modules_mapping))
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    """Llama with a sliding attention window on every layer (config.sliding_window)."""
+
+    supports = replace(LlamaForCausalLM.supports, sliding_window=True)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
+    supports = LlamaForCausalLM.supports  # not inherited (config_check.py): declared again
+    # (a config with use_sliding_window=True is refused: no sliding window here)

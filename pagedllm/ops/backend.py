@@ -61,17 +61,20 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [S]
     scale: float,
     max_seq_len: int | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:  # [S, Hq, D]
     """See torch_ref.paged_decode_attention. max_seq_len: max(seq_lens) or an upper bound, if
     known. The Triton kernel uses it only to pick its split count and, given None, derives one
-    from the block tables' width (no host sync); the twin computes max(seq_lens)."""
+    from the block tables' width (no host sync); the twin computes max(seq_lens).
+    sliding_window: None, or the window W (a key at distance >= W from the query is hidden)."""
     if _use_triton(query.device):
         impl = _triton_decode.paged_decode_attention
     elif _OVERRIDE is None and cpu_kernels.supports(query, key_cache):
         impl = cpu_kernels.paged_decode_attention
     else:
         impl = torch_ref.paged_decode_attention
-    return impl(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)
+    return impl(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len,
+                sliding_window)
 
 
 def paged_prefill_attention(
@@ -83,6 +86,7 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,  # [S]
     scale: float,
     max_seq_len: int | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]
     """See torch_ref.paged_prefill_attention (max_seq_len is accepted and unused)."""
     if _use_triton(query.device):
@@ -90,7 +94,8 @@ def paged_prefill_attention(
     else:
         impl = torch_ref.paged_prefill_attention
     return impl(
-        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, max_seq_len
+        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, max_seq_len,
+        sliding_window,
     )
 
 

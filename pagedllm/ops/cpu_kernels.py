@@ -42,7 +42,7 @@ _ptr, _i32, _i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _ARGTYPES = (
     [_ptr] * 6 + [_i32]  # query, key_cache, value_cache, block_tables, seq_lens, out, is_bf16
     + [_i64] * 6  # num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size
-    + [ctypes.c_float, _i64]  # scale, max_len
+    + [ctypes.c_float, _i64, _i64]  # scale, max_len, window
     + [_i64] * 6  # strides: query (seq, head), caches (block, token, head), block_tables (seq)
 )
 
@@ -132,12 +132,14 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [S] int32
     scale: float,
     max_seq_len: int | None = None,  # an upper bound on seq_lens, or None
+    sliding_window: int | None = None,
 ) -> torch.Tensor:  # [S, Hq, D]
     """See torch_ref.paged_decode_attention; the twin serves tensors the kernel does not take."""
     if not (supports(query, key_cache) and value_cache.dtype == query.dtype
             and key_cache.stride(-1) == 1 and value_cache.stride() == key_cache.stride()):
         return torch_ref.paged_decode_attention(
-            query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)
+            query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len,
+            sliding_window)
     num_seqs, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
     assert key_cache.shape == value_cache.shape and key_cache.shape[3] == head_dim
@@ -152,6 +154,7 @@ def paged_decode_attention(
     max_len = block_tables.shape[1] * block_size
     if max_seq_len is not None:
         max_len = min(max_len, max_seq_len)
+    window = max_len if sliding_window is None else sliding_window  # a window >= len: all keys
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype)
     if num_seqs == 0:
         return out
@@ -159,7 +162,7 @@ def paged_decode_attention(
         query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(),
         seq_lens.data_ptr(), out.data_ptr(), query.dtype == torch.bfloat16,
         num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale, max_len,
-        query.stride(0), query.stride(1), *key_cache.stride()[:3], block_tables.stride(0),
+        window, query.stride(0), query.stride(1), *key_cache.stride()[:3], block_tables.stride(0),
     )
     if bad_block:
         raise IndexError("a block table entry of a used block is out of range")

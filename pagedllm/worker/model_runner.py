@@ -106,7 +106,7 @@ class ModelRunner:
     # ---- start-up --------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
         mc = self.config.model
-        cls = get_model_class(mc.hf_config)
+        cls = get_model_class(mc.hf_config, mc.max_model_len)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:

@@ -251,3 +251,66 @@ def test_parallel_sampling_forks_when_the_first_token_is_due():
         [(100, 1, []), (0, 1, []), (1, 1, [])]
     assert len(out.blocks_to_copy) == 2
     bm.check_integrity()
+
+
+# ---- admission control (max_waiting / max_queued_tokens) ------------------------------------
+def make_capped(max_seqs, max_waiting=None, max_queued_tokens=None):
+    bm = BlockManager(64, 4, enable_caching=False)
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=64, max_model_len=64,
+                          max_waiting=max_waiting, max_queued_tokens=max_queued_tokens)
+    return Scheduler(cfg, bm), bm
+
+
+def ids(items):
+    """Request ids of groups, (group, reason) pairs or ScheduledSeqs."""
+    return [x.request_id if isinstance(x, SequenceGroup) else
+            x[0].request_id if isinstance(x, tuple) else x.group.request_id for x in items]
+
+
+def test_admission_counts_the_queue_after_scheduling_not_arrivals():
+    sched, _ = make_capped(max_seqs=3, max_waiting=2)
+    for rid in range(7):  # 7 at once: 3 run, 2 may wait, the 2 newest are refused
+        add(sched, rid, 4, t=rid)
+    _, out = step(sched)
+    assert ids(out.scheduled) == ["0", "1", "2"]
+    assert ids(out.admitted) == ["0", "1", "2", "3", "4"]
+    assert ids(out.refused) == ["5", "6"]
+    assert "2 requests wait (max_waiting=2)" in out.refused[0][1]
+    assert ids(sched.waiting) == ["3", "4"]
+    assert all(s.is_finished for g, _ in out.refused for s in g.seqs)
+    # Queue full: the next arrival is refused; earlier waiters are never refused later.
+    add(sched, 7, 4, t=7)
+    _, out = step(sched)
+    assert ids(out.refused) == ["7"] and out.admitted == [] and ids(sched.waiting) == ["3", "4"]
+    # A finished runner frees a slot: the oldest waiter runs and an arrival may wait again.
+    sched.finish_seq(sched.running[0].seqs[0], SequenceStatus.FINISHED_STOPPED)
+    sched.remove_finished()
+    add(sched, 8, 4, t=8)
+    _, out = step(sched)
+    assert ids(out.admitted) == ["8"] and ids(sched.waiting) == ["4", "8"]
+
+
+def test_admission_by_queued_tokens_and_zero_means_no_waiting():
+    sched, _ = make_capped(max_seqs=1, max_queued_tokens=10)
+    add(sched, 0, 4, t=0)
+    for rid, n in [(1, 6), (2, 5), (3, 4)]:  # waits: 6 fits, 6+5 > 10 refused, 6+4 fits
+        add(sched, rid, n, t=rid)
+    _, out = step(sched)
+    assert ids(out.scheduled) == ["0"] and ids(out.refused) == ["2"]
+    assert "6 prompt tokens wait and this request adds 5 (max_queued_tokens=10)" \
+        in out.refused[0][1]
+    assert ids(sched.waiting) == ["1", "3"]
+
+    sched, _ = make_capped(max_seqs=1, max_waiting=0)
+    add(sched, 0, 4, t=0)
+    add(sched, 1, 4, t=1)
+    _, out = step(sched)
+    assert ids(out.admitted) == ["0"] and ids(out.refused) == ["1"] and not sched.waiting
+
+
+def test_no_admission_control_without_caps():
+    sched, _ = make(max_seqs=1)
+    for rid in range(4):
+        add(sched, rid, 4, t=rid)
+    _, out = step(sched)
+    assert out.admitted == [] and out.refused == [] and len(sched.waiting) == 3

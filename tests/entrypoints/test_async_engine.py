@@ -130,13 +130,24 @@ def test_bad_requests_raise_and_others_continue(tiny_llama_dir):
     run(main())
 
 
-def test_queue_full_is_refused_at_the_door(tiny_llama_dir):
+def test_queue_full_is_refused_only_when_the_request_would_wait(tiny_llama_dir):
+    """max_waiting=0: a request that finds a free slot runs; one that would wait is refused
+    (QueueFullError, nothing left queued)."""
     async def main():
-        engine = _async_llm(tiny_llama_dir, engine_core="thread", max_waiting=0)
+        engine = AsyncLLM.from_engine_args(EngineArgs(model=tiny_llama_dir, **{
+            **ENGINE, "max_num_seqs": 1}), engine_core="thread", max_waiting=0)
         engine.start()
         try:
-            with pytest.raises(QueueFullError, match="max_waiting=0"):
-                await engine.add_request("a", [5, 6], SamplingParams(max_tokens=2))
+            held = await engine.add_request("held", [5, 6], SamplingParams(
+                max_tokens=400, ignore_eos=True))
+            with pytest.raises(QueueFullError, match=r"0 requests wait \(max_waiting=0\)"):
+                await engine.add_request("refused", [5, 6], SamplingParams(max_tokens=2))
+            assert "refused" not in engine._streams
+            held.close()
+            m = await _idle_core(engine)
+            assert m["num_requests_refused_total"] == 1 and m["kv_cache_usage_perc"] == 0
+            ok = await engine.add_request("after", [5, 6], SamplingParams(max_tokens=2))
+            assert [o async for o in ok][-1].finished
         finally:
             engine.stop()
 

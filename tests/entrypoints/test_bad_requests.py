@@ -18,7 +18,7 @@ from pagedllm.entrypoints.openai.protocol import (
 )
 from pagedllm.sampling_params import MAX_N, MAX_SEED
 from tests.conftest import TINY_LLAMA
-from tests.entrypoints.test_openai_server import API_KEY, ServerProcess, assert_error
+from tests.entrypoints.test_openai_server import API_KEY, assert_error, serving
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -31,14 +31,9 @@ NORMAL = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    proc = ServerProcess("--model", tiny_llama_dir, "--max-model-len", "512",
-                         "--cpu-kv-cache-gib", "0.05", "--swap-space", "0.05",
-                         "--max-request-body-bytes", str(MAX_BODY))
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+    yield from serving("--model", tiny_llama_dir, "--max-model-len", "512",
+                       "--cpu-kv-cache-gib", "0.05", "--swap-space", "0.05",
+                       "--max-request-body-bytes", str(MAX_BODY))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,10 @@ from pydantic import ValidationError
 
 from pagedllm.entrypoints.openai.api_server import served_model_name
 from pagedllm.entrypoints.openai.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, validation_error,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_error,
 )
 
 
@@ -36,14 +39,27 @@ def test_bad_prompts_name_the_field(prompt):
     assert err.status == 400 and err.param == "prompt" and "prompt" in err.message
 
 
-def test_unknown_fields_are_named():
-    err = error_of(ChatCompletionRequest, {"messages": [], "logit_bias": {}})
-    assert (err.param, err.message) == (
-        "logit_bias", "Unsupported field 'logit_bias': pagedllm does not implement it")
-    err = error_of(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x",
-                                                         "tool_calls": []}]})
-    assert err.param == "messages[0].tool_calls"
+def test_unknown_fields_are_ignored_and_named():
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x", "foo": 1}],
+                                frob=2, stream_options={"include_usage": True, "bar": 3})
+    assert sorted(req.ignored_fields()) == ["frob", "messages[0].foo", "stream_options.bar"]
+    req.check_unsupported()  # ignored fields are not refused
     assert error_of(CompletionRequest, {}).message == "Missing required field 'prompt'"
+
+
+@pytest.mark.parametrize("model,body,field", [
+    (CompletionRequest, {"prompt": "x", "suffix": "!"}, "suffix"),
+    (CompletionRequest, {"prompt": "x", "best_of": 2}, "best_of"),
+    (CompletionRequest, {"prompt": "x", "best_of": 1, "n": 2}, "best_of"),
+    (ChatCompletionRequest, {"messages": [], "functions": [{"name": "f"}]}, "functions"),
+    (ChatCompletionRequest, {"messages": [], "modalities": ["audio"]}, "modalities"),
+])
+def test_fields_that_would_change_the_answer_are_refused(model, body, field):
+    with pytest.raises(APIError) as exc:
+        model(**body).check_unsupported()
+    assert exc.value.param == field and exc.value.status == 400
+    body = {**body, field: None}
+    model(**body).check_unsupported()  # null means "off"
 
 
 def test_message_content_parts_and_roles():
@@ -53,7 +69,7 @@ def test_message_content_parts_and_roles():
     err = error_of(ChatCompletionRequest, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]})
     assert err.param == "messages[0].content" and "text content" in err.message
-    assert error_of(ChatCompletionRequest, {"messages": [{"role": "tool", "content": "x"}]}
+    assert error_of(ChatCompletionRequest, {"messages": [{"role": "robot", "content": "x"}]}
                     ).param == "messages[0].role"
 
 

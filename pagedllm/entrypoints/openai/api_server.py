@@ -32,14 +32,24 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import pagedllm
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.async_engine import AsyncLLM
-from pagedllm.entrypoints.llm import LLM
 from pagedllm.entrypoints.openai.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-    parse_json, validation_error,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_json,
+    validation_error,
 )
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from pagedllm.entrypoints.openai.serving_engine import ClientDisconnected, to_api_error
+from pagedllm.entrypoints.openai.serving_engine import (
+    ClientDisconnected,
+    TokenizerThread,
+    to_api_error,
+)
+from pagedllm.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
+from pagedllm.loader.hub import is_hub_id
 from pagedllm.metrics import CONTENT_TYPE
 
 logger = logging.getLogger("pagedllm")
@@ -54,6 +64,16 @@ RETRY_AFTER_S = {429: 1, 503: 5}
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                        help="read the model's own tool calls for tool_choice 'auto' (hermes: "
+                        "<tool_call>{json}</tool_call>, SmolLM2/Qwen/Hermes templates)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="accepted for vLLM compatibility: 'auto' is on whenever "
+                        "--tool-call-parser is given")
+    parser.add_argument("--structured-outputs-disable-any-whitespace", action="store_true",
+                        help="JSON constraints (response_format, guided_json) allow no "
+                        "whitespace between tokens: small models otherwise may write whitespace "
+                        "until max_tokens (vLLM's disable_any_whitespace)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every route but /health")
@@ -66,7 +86,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="on SIGTERM or Ctrl-C, seconds open requests get to finish before "
                         "they are ended with an error (default: 10)")
     parser.add_argument("--max-waiting", type=int, default=None,
-                        help="answer 429 while this many requests already wait (default: no cap)")
+                        help="answer 429 (with Retry-After) to a request that finds no free "
+                        "slot while this many requests already wait for one (default: no cap)")
+    parser.add_argument("--max-queued-tokens", type=int, default=None,
+                        help="answer 429 to a request that finds no free slot while the "
+                        "waiting requests' prompts, with its own, exceed this many tokens "
+                        "(default: no cap)")
     parser.add_argument("--engine-core", default="process", choices=("process", "thread"),
                         help="where the engine core's step loop runs: its own process (default; "
                         "the HTTP event loop never waits on a model step) or a thread of the "
@@ -77,9 +102,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def served_model_name(model: str | None) -> str:
-    """The model path's basename, without `.gguf` and a quantization tag (`.Q4_1`)."""
+    """A Hub id as given (as vLLM serves it); a path's basename, without `.gguf` and a
+    quantization tag (`.Q4_1`)."""
     if model is None:
         return DEFAULT_SERVED_MODEL_NAME
+    if is_hub_id(model):
+        return model
     name = os.path.basename(os.path.normpath(model))
     if name.endswith(".gguf"):
         name = re.sub(r"[.-](I?Q\d\w*|[BF]F?16|F32)$", "", name[: -len(".gguf")],
@@ -181,11 +209,16 @@ def _publish_request_schemas(app: FastAPI) -> None:
 
 def build_app(engine: AsyncLLM, model_name: str, model_path: str,
               api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    # Tokenization, templates and detokenization all run on this event loop's thread.
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              compact_json: bool = False, tool_call_parser: str | None = None) -> FastAPI:
+    # Detokenization runs on this event loop's thread; tokenization and templates on the
+    # tokenizer's own (their cost grows with the input).
     tokenizer = engine.tokenizer
-    chat = OpenAIServingChat(engine, tokenizer, model_name)
-    completion = OpenAIServingCompletion(engine, tokenizer, model_name)
+    encoder = TokenizerThread(tokenizer)
+    chat = OpenAIServingChat(engine, tokenizer, model_name, encoder)
+    completion = OpenAIServingCompletion(engine, tokenizer, model_name, encoder)
+    chat.compact_json = completion.compact_json = compact_json
+    chat.tool_call_parser = tool_call_parser
     max_model_len = engine.max_model_len
     started = int(time.time())
 
@@ -194,6 +227,7 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
         engine.start()
         yield
         engine.stop()
+        encoder.shutdown()
 
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
     _publish_request_schemas(app)
@@ -256,16 +290,10 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
         if request.messages is not None:
             messages = [m.model_dump() for m in request.messages]
             chat.check_chars(sum(len(str(m.get("content") or "")) for m in messages), "messages")
-            try:
-                ids = LLM.encode_chat_with(tokenizer, messages,
-                                           request.add_generation_prompt is not False)
-            except Exception as exc:
-                raise APIError(400, f"cannot apply the chat template: {exc}",
-                               param="messages") from None
+            ids = await encoder.encode_chat(messages, request.add_generation_prompt is not False)
         else:
             chat.check_chars(len(request.prompt), "prompt")
-            ids = tokenizer.encode(request.prompt,
-                                   add_special_tokens=request.add_special_tokens is not False)
+            ids = await encoder.encode(request.prompt, request.add_special_tokens is not False)
         return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
 
     @app.post("/detokenize", openapi_extra=_body(DetokenizeRequest))
@@ -283,17 +311,20 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
 
 
 def run_server(args: argparse.Namespace) -> None:
-    if args.max_waiting is not None and args.max_waiting < 0:
-        raise SystemExit("--max-waiting must be >= 0")
+    for flag in ("max_waiting", "max_queued_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0")
     if args.max_request_body_bytes < 1:
         raise SystemExit("--max-request-body-bytes must be >= 1")
     if args.shutdown_timeout < 0:
         raise SystemExit("--shutdown-timeout must be >= 0")
     engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args),
-                                       engine_core=args.engine_core, max_waiting=args.max_waiting)
+                                       engine_core=args.engine_core, max_waiting=args.max_waiting,
+                                       max_queued_tokens=args.max_queued_tokens)
     name = args.served_model_name or served_model_name(args.model)
     app = build_app(engine, name, engine.config.model.model, args.api_key,
-                    args.max_request_body_bytes)
+                    args.max_request_body_bytes,
+                    args.structured_outputs_disable_any_whitespace, args.tool_call_parser)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     # uvicorn's own grace period only backs ours up: by then every stream has ended.
     config = uvicorn.Config(app, host=args.host, port=args.port,

@@ -1,10 +1,15 @@
 """Request schemas of the OpenAI-compatible API, and its error shape.
 
-Every request model forbids unknown fields: a field we do not implement (`tools`,
-`response_format`, `logit_bias`, `suffix`, `best_of`, ...) is a 400 naming it, never silently
-ignored. Implemented fields accept an explicit null, meaning "the default". Unions (`stop`,
-`prompt`, message `content`) are checked by hand so that an error names the field plainly
-instead of listing every member of the union. Responses are plain dicts built by serving_*.py.
+The field policy is vLLM's, because real clients send fields they do not expect a server to
+act on (`user`, `store`, `metadata`, `best_of: 1`, an echoed assistant message's
+`refusal: null`): an unknown field is accepted and ignored, and the endpoint logs one warning
+naming the ignored fields of the request (`ignored_fields`). A known field whose meaning we do
+not implement and which would change the answer (`suffix`, `best_of > n`, `functions`, audio
+output) stays a 400 naming it (`check_unsupported`): ignoring it would return a different
+answer than the client asked for. Implemented fields accept an explicit null, meaning "the
+default". Unions (`stop`, `prompt`, message `content`) are checked by hand so that an error
+names the field plainly instead of listing every member of the union. Responses are plain dicts
+built by serving_*.py.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.entrypoints.openai import request_fields
+from pagedllm.entrypoints.openai.errors import APIError, validation_error  # noqa: F401 (API)
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 # OpenAI caps chat top_logprobs at 20; we use the same cap for completions' logprobs.
 MAX_LOGPROBS = 20
@@ -25,38 +32,10 @@ MAX_PROMPTS = 256  # prompts in one /v1/completions batch
 MAX_STOP_STRINGS = 16  # each is matched against the new text of every sequence, every step
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_ALLOWED_TOKEN_IDS = 65536
+MAX_BAD_WORDS = 64
 # Our schemas nest 5 deep (messages[0].content[0].text); anything past this is not ours.
 MAX_JSON_DEPTH = 32
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's `{"error": {message, type, param, code}}`."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type, param, code)
-
-    def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def validation_error(exc: ValidationError) -> APIError:
-    """The first pydantic error as a 400 that names the field, e.g. `messages[0].name`."""
-    err = exc.errors()[0]
-    path = ""
-    for part in err["loc"]:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    if err["type"] == "extra_forbidden":
-        message = f"Unsupported field '{path}': pagedllm does not implement it"
-    elif err["type"] == "missing":
-        message = f"Missing required field '{path}'"
-    else:
-        reason = err["msg"].removeprefix("Value error, ")
-        message = f"Invalid value for '{path}': {reason}" if path else reason
-    return APIError(400, message, param=path or None)
 
 
 class _NonFinite:
@@ -122,22 +101,51 @@ def _is_unicode(text: str) -> bool:
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields land in `model_extra` (see the module docstring).
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self, prefix: str = "") -> list[str]:
+        """Dotted paths of the fields this request carried that nothing reads."""
+        names = [prefix + k for k in (self.model_extra or {})]
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, OpenAIBaseModel):
+                    index = f"[{i}]" if isinstance(value, list) else ""
+                    names += item.ignored_fields(f"{prefix}{name}{index}.")
+        return names
 
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = False
+    # vLLM's extension (guidellm sends it): usage on every chunk, not only the last.
+    continuous_usage_stats: bool | None = False
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Any
+    """One message. Besides role and content, the fields an agent loop echoes back
+    (`resp.choices[0].message.model_dump()`) and the tool-call turn fields are accepted and
+    handed to the chat template, as transformers' apply_chat_template takes them."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: which call this answers
+    # In every echoed assistant message; they carry nothing the template renders.
+    refusal: str | None = None
+    annotations: list | None = None
+    audio: dict | None = None
+    function_call: dict | None = None
+    reasoning_content: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_content(cls, value: Any) -> str:
-        """A string, or a list of {"type": "text", "text": ...} parts (joined by newlines)."""
-        if isinstance(value, str):
+    def _text_content(cls, value: Any) -> str | None:
+        """A string, or a list of {"type": "text", "text": ...} parts (joined by newlines);
+        null only for an assistant turn that made tool calls (checked in `check_message`)."""
+        if value is None or isinstance(value, str):
             return value
         if isinstance(value, list) and value:
             texts = []
@@ -149,6 +157,43 @@ class ChatMessage(OpenAIBaseModel):
                 texts.append(part["text"])
             return "\n".join(texts)
         raise ValueError("content must be a string or a non-empty list of text parts")
+
+    def check_message(self, index: int) -> None:
+        where = f"messages[{index}]"
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise APIError(400, f"{where}.content must not be null (only an assistant message "
+                           "with tool_calls may omit it)", param=f"{where}.content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise APIError(400, f"{where}.tool_call_id is required in a tool message",
+                           param=f"{where}.tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise APIError(400, f"{where}.tool_calls is only allowed in an assistant message",
+                           param=f"{where}.tool_calls")
+
+    def to_template(self) -> dict:
+        """The message as chat templates read it (transformers' conversation format)."""
+        # "developer" is OpenAI's newer name for the system role; templates know "system".
+        out: dict = {"role": "system" if self.role == "developer" else self.role,
+                     "content": self.content if self.content is not None else ""}
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.tool_calls:
+            # Templates (Qwen, Hermes) read arguments as a mapping; OpenAI sends a JSON string.
+            out["tool_calls"] = [_template_tool_call(c) for c in self.tool_calls]
+        return out
+
+
+def _template_tool_call(call: dict) -> dict:
+    fn = call.get("function")
+    fn = dict(fn) if isinstance(fn, dict) else {}
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args)
+        except ValueError:
+            pass  # not JSON: the template gets the text
+    return {**call, "function": fn}
 
 
 class _SamplingRequest(OpenAIBaseModel):
@@ -169,6 +214,18 @@ class _SamplingRequest(OpenAIBaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for OpenAI compatibility; only echoed in logs
+    best_of: int | None = None  # == n only: see check_best_of
+    # vLLM's extensions that shape the logits (SamplingParams has their meaning).
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = Field(default=None, max_length=MAX_ALLOWED_TOKEN_IDS)
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
+    # Structured output: vLLM's current `structured_outputs` and its older `guided_*` names.
+    structured_outputs: dict | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    response_format: dict | None = None
     # vLLM's extension: requests with different salts never share prefix-cache blocks.
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     ignore_eos: bool | None = False
@@ -197,14 +254,29 @@ class _SamplingRequest(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def check_unsupported(self) -> None:
+        """400 for a field that would change the answer and that we do not implement."""
+        request_fields.check_unsupported(self)
+
+    def structured_output_params(self, compact_json: bool = False
+                                 ) -> StructuredOutputsParams | None:
+        return request_fields.structured_output_params(self, compact_json)
+
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                           prompt_logprobs: int | None = None) -> SamplingParams:
-        """Raises ValueError naming the field for out-of-range values."""
+                           prompt_logprobs: int | None = None, compact_json: bool = False
+                           ) -> SamplingParams:
+        """Raises ValueError naming the field for out-of-range values. ``compact_json`` is the
+        server's default for ``disable_any_whitespace`` (a request's structured_outputs may
+        set it itself)."""
 
         def pick(value, default):
             return default if value is None else value
@@ -228,6 +300,10 @@ class _SamplingRequest(OpenAIBaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=pick(self.skip_special_tokens, True),
+            logit_bias=request_fields.logit_bias_ids(self),
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
+            structured_outputs=self.structured_output_params(compact_json),
         )
 
 
@@ -236,6 +312,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # accepted; a model may call several either way
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -9,71 +9,97 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 
 from pagedllm.engine.async_engine import RequestStream
-from pagedllm.entrypoints.llm import LLM
 from pagedllm.entrypoints.openai.protocol import APIError, ChatCompletionRequest
 from pagedllm.entrypoints.openai.serving_engine import (
-    MIN_LOGPROB, OpenAIServing, SSEResponse, final_output, sse, to_api_error,
-    until_disconnected, usage,
+    MIN_LOGPROB,
+    OpenAIServing,
+    SSEResponse,
+    final_output,
+    sse,
+    to_api_error,
+    until_disconnected,
+    usage,
 )
+from pagedllm.entrypoints.openai.tool_calls import check_tools, constraint, tool_parser
 from pagedllm.outputs import CompletionOutput, PositionLogprobs
 
 
 class OpenAIServingChat(OpenAIServing):
     async def create(self, request: ChatCompletionRequest, raw: Request) -> dict | SSEResponse:
         arrival = time.monotonic()
-        self.check_model(request.model)
-        request.check_stream_options()
-        prompt_ids = self.render(request)
+        self.check_request(request)
+        tool_mode = check_tools(request.tools, request.tool_choice, self.tool_call_parser)
+        prompt_ids = await self.render(request, tool_mode)
         max_tokens = request.requested_max_tokens
         self.check_length(len(prompt_ids), max_tokens, "messages")
         num_logprobs = request.num_logprobs()
-        params = self.make_params(lambda: request.to_sampling_params(max_tokens, num_logprobs))
+        params = self.make_params(lambda: request.to_sampling_params(
+            max_tokens, num_logprobs, compact_json=self.compact_json))
+        forced = constraint(request.tools, tool_mode) if tool_mode else None
+        if forced is not None:  # 'required' / named: the grammar makes the calls parse
+            if params.structured_outputs is not None:
+                raise APIError(400, "tool_choice 'required' or a named function cannot be "
+                               "combined with another structured-output constraint",
+                               param="tool_choice")
+            forced.disable_any_whitespace = self.compact_json
+            params.structured_outputs = forced
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self.add(request_id, prompt_ids, params, None, arrival, request.cache_salt)
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if request.stream:
-            events = self._stream(stream, meta, params.n, num_logprobs, request.include_usage)
+            events = self._stream(stream, meta, params.n, num_logprobs, request.include_usage,
+                                  request.continuous_usage, len(prompt_ids), tool_mode)
             return SSEResponse(events, on_close=stream.close)
         try:
             out = await until_disconnected(raw, final_output(stream))
         finally:
             stream.close()
-        choices = [{
-            "index": o.index,
-            "message": {"role": "assistant", "content": o.text},
-            "logprobs": self._logprobs(o, 0, num_logprobs),
-            "finish_reason": o.finish_reason,
-            "stop_reason": o.stop_reason,
-        } for o in out.outputs]
+        choices = []
+        for o in out.outputs:
+            message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
+            parser = tool_parser(tool_mode, self.tool_call_parser)
+            if parser is not None:
+                content, calls = parser.extract(o.text)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": o.index, "message": message,
+                            "logprobs": self._logprobs(o, 0, num_logprobs),
+                            "finish_reason": finish, "stop_reason": o.stop_reason})
         return {**meta, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(out.prompt_token_ids), out.outputs)}
 
-    def render(self, request: ChatCompletionRequest) -> list[int]:
+    async def render(self, request: ChatCompletionRequest, tool_mode: str | None = None
+                     ) -> list[int]:
         if not request.messages:
             raise APIError(400, "messages must not be empty", param="messages")
-        # "developer" is OpenAI's newer name for the system role; chat templates know "system".
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                    for m in request.messages]
+        for i, m in enumerate(request.messages):
+            m.check_message(i)
+        messages = [m.to_template() for m in request.messages]
         self.check_chars(sum(len(str(m["content"] or "")) for m in messages), "messages")
-        try:
-            return LLM.encode_chat_with(self.tokenizer, messages)
-        except Exception as exc:  # a template may raise on e.g. an unexpected role order
-            raise APIError(400, f"cannot apply the chat template: {exc}",
-                           param="messages") from None
+        tools = request.tools if tool_mode not in (None, "none") else None
+        return await self.encoder.encode_chat(messages, tools=tools)
 
     async def _stream(self, stream: RequestStream, meta: dict, n: int, num_logprobs: int | None,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, continuous_usage: bool = False,
+                      num_prompt_tokens: int = 0, tool_mode: str | None = None
+                      ) -> AsyncIterator[str]:
         base = {**meta, "object": "chat.completion.chunk"}
         if include_usage:
             base["usage"] = None  # OpenAI sends usage only in the last chunk
 
         def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None):
+            extra = {}
+            if include_usage and continuous_usage:  # vLLM's extension: usage on every chunk
+                extra["usage"] = usage(num_prompt_tokens, last.outputs if last else [])
             return sse({**base, "choices": [{
                 "index": index, "delta": delta, "logprobs": logprobs,
-                "finish_reason": finish_reason, "stop_reason": stop_reason}]})
+                "finish_reason": finish_reason, "stop_reason": stop_reason}], **extra})
 
         sent_logprobs = [0] * n  # positions already streamed, per choice
         done = [False] * n
+        parsers = [tool_parser(tool_mode, self.tool_call_parser) for _ in range(n)]
+        called = [False] * n  # a choice that made tool calls finishes with "tool_calls"
         last = None
         try:
             for i in range(n):
@@ -89,11 +115,23 @@ class OpenAIServingChat(OpenAIServing):
                     if num_logprobs is not None and o.logprobs is not None:
                         logprobs = self._logprobs(o, sent_logprobs[o.index], num_logprobs)
                         sent_logprobs[o.index] = len(o.logprobs)
-                    if o.delta_text or (logprobs and logprobs["content"]):
-                        yield chunk(o.index, {"content": o.delta_text}, logprobs)
+                    parser = parsers[o.index]
+                    if parser is None:
+                        if o.delta_text or (logprobs and logprobs["content"]):
+                            yield chunk(o.index, {"content": o.delta_text}, logprobs)
+                    else:
+                        deltas = parser.feed(o.delta_text)
+                        if o.finish_reason is not None:
+                            deltas += parser.finish()
+                        for delta in deltas:
+                            called[o.index] |= "tool_calls" in delta
+                            yield chunk(o.index, delta)
                     if o.finish_reason is not None:
                         done[o.index] = True
-                        yield chunk(o.index, {}, None, o.finish_reason, o.stop_reason)
+                        finish = o.finish_reason
+                        if called[o.index] and finish == "stop":
+                            finish = "tool_calls"
+                        yield chunk(o.index, {}, None, finish, o.stop_reason)
             if include_usage and last is not None:
                 yield sse({**base, "choices": [],
                            "usage": usage(len(last.prompt_token_ids), last.outputs)})

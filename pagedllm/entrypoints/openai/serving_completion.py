@@ -12,8 +12,15 @@ from starlette.requests import Request
 from pagedllm.engine.async_engine import RequestStream
 from pagedllm.entrypoints.openai.protocol import APIError, CompletionRequest
 from pagedllm.entrypoints.openai.serving_engine import (
-    MIN_LOGPROB, OpenAIServing, SSEResponse, final_output, merge, sse, to_api_error,
-    until_disconnected, usage,
+    MIN_LOGPROB,
+    OpenAIServing,
+    SSEResponse,
+    final_output,
+    merge,
+    sse,
+    to_api_error,
+    until_disconnected,
+    usage,
 )
 from pagedllm.outputs import PositionLogprobs, RequestOutput
 
@@ -21,13 +28,12 @@ from pagedllm.outputs import PositionLogprobs, RequestOutput
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: CompletionRequest, raw: Request) -> dict | SSEResponse:
         arrival = time.monotonic()
-        self.check_model(request.model)
-        request.check_stream_options()
+        self.check_request(request)
         prompts = []  # (text or None, token ids)
         for p in request.prompt:
             if isinstance(p, str):
                 self.check_chars(len(p), "prompt")
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            ids = await self.encoder.encode(p) if isinstance(p, str) else list(p)
             self.check_length(len(ids), request.max_tokens, "prompt")
             prompts.append((p if isinstance(p, str) else None, ids))
         num_logprobs = request.num_logprobs()
@@ -35,7 +41,7 @@ class OpenAIServingCompletion(OpenAIServing):
         # echo + logprobs also reports the prompt's tokens, so ask the engine for them.
         prompt_logprobs = num_logprobs if echo and num_logprobs is not None else None
         params = self.make_params(lambda: request.to_sampling_params(
-            request.max_tokens, num_logprobs, prompt_logprobs))
+            request.max_tokens, num_logprobs, prompt_logprobs, self.compact_json))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
 
@@ -52,7 +58,8 @@ class OpenAIServingCompletion(OpenAIServing):
             raise
         job = _Job(self, request_id, [t for t, _ in prompts], params.n, num_logprobs, echo)
         if request.stream:
-            return SSEResponse(job.stream(streams, request.include_usage), on_close=close_all)
+            return SSEResponse(job.stream(streams, request.include_usage,
+                                          request.continuous_usage), on_close=close_all)
         try:
             outs = await until_disconnected(raw, _gather(streams))
         finally:
@@ -95,8 +102,16 @@ class _Job:
         return {**self.meta, "choices": choices,
                 "usage": usage(num_prompt, [o for out in outs for o in out.outputs])}
 
-    async def stream(self, streams: list[RequestStream], include_usage: bool) -> AsyncIterator[str]:
+    async def stream(self, streams: list[RequestStream], include_usage: bool,
+                     continuous_usage: bool = False) -> AsyncIterator[str]:
         base = dict(self.meta, usage=None) if include_usage else self.meta
+        # vLLM's continuous_usage_stats: every chunk carries the usage so far.
+        continuous = include_usage and continuous_usage
+
+        def so_far() -> dict:
+            outs = list(last.values())
+            return usage(sum(len(out.prompt_token_ids) for out in outs),
+                         [o for out in outs for o in out.outputs])
         num_choices = len(streams) * self.n
         sent = [0] * num_choices  # generated positions already streamed
         offset = [0] * num_choices  # text_offset of the next token
@@ -120,15 +135,17 @@ class _Job:
                             logprobs = self._logprobs(positions, offset[index])
                             sent[index] = len(o.logprobs)
                             offset[index] += sum(len(t) for t in logprobs["tokens"])
+                        extra = {"usage": so_far()} if continuous else {}
                         if text or (logprobs and logprobs["tokens"]):
                             yield sse({**base, "choices": [{
                                 "index": index, "text": text, "logprobs": logprobs,
-                                "finish_reason": None, "stop_reason": None}]})
+                                "finish_reason": None, "stop_reason": None}], **extra})
                         if o.finish_reason is not None:
                             done[index] = True
                             yield sse({**base, "choices": [{
                                 "index": index, "text": "", "logprobs": None,
-                                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}]})
+                                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}],
+                                **extra})
             if include_usage:
                 num_prompt = sum(len(out.prompt_token_ids) for out in last.values())
                 yield sse({**base, "choices": [], "usage": usage(

@@ -5,10 +5,12 @@ client disconnect aborts its request (SSEResponse for streams, until_disconnecte
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import anyio
@@ -17,8 +19,13 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pagedllm.engine.async_engine import (
-    AsyncLLM, EngineDeadError, EngineDrainingError, QueueFullError, RequestStream,
+    AsyncLLM,
+    EngineDeadError,
+    EngineDrainingError,
+    QueueFullError,
+    RequestStream,
 )
+from pagedllm.entrypoints.llm import LLM
 from pagedllm.entrypoints.openai.protocol import APIError
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -50,12 +57,50 @@ def _field_named_in(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+class TokenizerThread:
+    """Tokenization and chat templates off the event loop. Their cost grows with the input
+    (seconds for megabytes), and on the loop they would stall /health and every stream; here
+    they run on one worker thread, which the loop preempts every few milliseconds (the Rust
+    tokenizer holds the GIL in short slices). The thread has its own copy of the tokenizer:
+    a fast tokenizer refuses to be used from two threads at once ("Already borrowed"), and the
+    loop keeps the original for detokenizing."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pagedllm-tokenizer")
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._run(lambda: self.tokenizer.encode(
+            text, add_special_tokens=add_special_tokens))
+
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          tools: list[dict] | None = None) -> list[int]:
+        """The chat template's token ids; a template that raises (e.g. on an unexpected role
+        order) is the client's error: 400."""
+        try:
+            return await self._run(lambda: LLM.encode_chat_with(
+                self.tokenizer, messages, add_generation_prompt, tools))
+        except Exception as exc:
+            raise APIError(400, f"cannot apply the chat template: {exc}",
+                           param="messages") from None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, tokenizer, model_name: str) -> None:
+    def __init__(self, engine: AsyncLLM, tokenizer, model_name: str,
+                 encoder: TokenizerThread) -> None:
         self.engine = engine
-        # NOTE: the server's own tokenizer copy; the engine's belongs to the step-loop thread.
+        # Decoding (echo, logprob tokens) on the loop; encoding in `encoder`'s thread.
         self.tokenizer = tokenizer
+        self.encoder = encoder
         self.model_name = model_name
+        self.compact_json = False  # --structured-outputs-disable-any-whitespace
+        self.tool_call_parser: str | None = None  # --tool-call-parser
         self.max_model_len = engine.max_model_len
         # No prompt longer than this many characters fits the context, whatever it holds: one
         # token covers at most `longest token` characters (x4 for normalizers that merge
@@ -71,6 +116,16 @@ class OpenAIServing:
                 400, f"The {param} has {num_chars} characters: more than this model's maximum "
                 f"context length ({self.max_model_len} tokens) can hold. Please shorten the "
                 "input.", param=param, code="context_length_exceeded")
+
+    def check_request(self, request) -> None:
+        """The checks every generation request gets before any work: model, stream options,
+        fields we refuse (400), and one warning naming the fields we ignore."""
+        self.check_model(request.model)
+        request.check_stream_options()
+        request.check_unsupported()
+        ignored = request.ignored_fields()
+        if ignored:
+            logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(ignored)))
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:

@@ -3,9 +3,12 @@
 // its V rows, straight out of the paged cache through the block table, each once for all the
 // query heads that share a KV head (r = one query head, t = one context token):
 //
-//   pass 1  s[r, t] = scale * q[r] . k[t]            t < len   (scores: R x len, fp32)
+//   pass 1  s[r, t] = scale * q[r] . k[t]            t0 <= t < len   (scores: R x n, fp32)
 //   softmax p[r, t] = exp(s[r, t] - max_t s[r, :])   (two-pass: the exact max first)
 //   pass 2  o[r]    = sum_t p[r, t] v[t] / sum_t p[r, t]
+//
+// t0 = max(len - window, 0), n = len - t0: a sliding window reads only the blocks that hold its
+// last `window` tokens (earlier ones may be freed); full attention passes a window >= len.
 //
 // Storage is fp32 or bf16 (the raw 16 bits, widened on load); arithmetic is always fp32. Inner
 // loops are written so -O3 vectorizes them without -ffast-math; on x86 an AVX2+FMA copy of the
@@ -127,6 +130,7 @@ struct Args {
   void* out;
   float scale;
   int64_t max_len;  // per-sequence bound on the context (max_seq_len, block-table width)
+  int64_t window;   // keys at distance >= window from the query are hidden
   int64_t num_kv_heads, group, head_dim, block_size, num_blocks;
   int64_t q_seq_stride, q_head_stride;                       // query (out is contiguous)
   int64_t kv_block_stride, kv_token_stride, kv_head_stride;  // key_cache and value_cache
@@ -141,7 +145,7 @@ INLINE void prefetch_heads(const Args& a, const T* row, int64_t nh) {
 }
 
 // One sequence, KV heads [h0, h0 + nh): its R = nh * G query heads (consecutive in the query).
-// scratch: q (R x D) | acc (R x D) | 1 / row sums (R) | scores (R x len).
+// scratch: q (R x D) | acc (R x D) | 1 / row sums (R) | scores (R x n).
 template <typename T>
 INLINE void attend(const Args& a, int64_t seq, int64_t h0, int64_t nh,
                    std::vector<float>& scratch) {
@@ -153,14 +157,15 @@ INLINE void attend(const Args& a, int64_t seq, int64_t h0, int64_t nh,
     return;
   }
   const int32_t* table = a.block_tables + seq * a.bt_stride;
-  const int64_t num_used = (len + B - 1) / B;
-  for (int64_t b = 0; b < num_used; ++b) {  // only the used entries: the tail may be garbage
+  const int64_t t0 = std::max<int64_t>(len - a.window, 0), n = len - t0;
+  const int64_t b0 = t0 / B, num_used = (len + B - 1) / B;
+  for (int64_t b = b0; b < num_used; ++b) {  // only the used entries: the rest may be garbage
     if (table[b] < 0 || table[b] >= a.num_blocks) {
       a.bad_block->store(true, std::memory_order_relaxed);
       return;
     }
   }
-  scratch.resize(2 * R * D + R + R * len);
+  scratch.resize(2 * R * D + R + R * n);
   float* q = scratch.data();
   float* acc = q + R * D;
   float* inv_sum = acc + R * D;
@@ -179,34 +184,34 @@ INLINE void attend(const Args& a, int64_t seq, int64_t h0, int64_t nh,
   const int64_t head0 = h0 * a.kv_head_stride;
   const T* key = static_cast<const T*>(a.key_cache) + head0;
   const T* value = static_cast<const T*>(a.value_cache) + head0;
-  for (int64_t b = 0, t = 0; b < num_used; ++b) {  // pass 1: scores, s[r * len + t]
+  for (int64_t b = b0, t = t0; b < num_used; ++b) {  // pass 1: scores, s[r * n + t - t0]
     const T* k = key + table[b] * a.kv_block_stride;
     const T* next = b + 1 < num_used ? key + table[b + 1] * a.kv_block_stride
-                                     : value + table[0] * a.kv_block_stride;
-    for (int64_t i = 0; i < B && t < len; ++i, ++t) {
+                                     : value + table[b0] * a.kv_block_stride;
+    for (int64_t i = t % B; i < B && t < len; ++i, ++t) {
       const T* row = k + i * a.kv_token_stride;
       prefetch_heads(a, next + i * a.kv_token_stride, nh);
       for (int64_t j = 0; j < nh; ++j)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = j * G + g;
-          s[r * len + t] = dot(q + r * D, row + j * a.kv_head_stride, D) * a.scale;
+          s[r * n + t - t0] = dot(q + r * D, row + j * a.kv_head_stride, D) * a.scale;
         }
     }
   }
   for (int64_t r = 0; r < R; ++r) {  // softmax numerators, in place
-    float* sr = s + r * len;
-    inv_sum[r] = 1.f / exp_sum(sr, len, max_of(sr, len));
+    float* sr = s + r * n;
+    inv_sum[r] = 1.f / exp_sum(sr, n, max_of(sr, n));
   }
-  for (int64_t b = 0, t = 0; b < num_used; ++b) {  // pass 2: acc[r] += p[r, t] v[t]
+  for (int64_t b = b0, t = t0; b < num_used; ++b) {  // pass 2: acc[r] += p[r, t] v[t]
     const T* v = value + table[b] * a.kv_block_stride;
     const T* next = b + 1 < num_used ? value + table[b + 1] * a.kv_block_stride : nullptr;
-    for (int64_t i = 0; i < B && t < len; ++i, ++t) {
+    for (int64_t i = t % B; i < B && t < len; ++i, ++t) {
       const T* row = v + i * a.kv_token_stride;
       if (next != nullptr) prefetch_heads(a, next + i * a.kv_token_stride, nh);
       for (int64_t j = 0; j < nh; ++j)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = j * G + g;
-          const float p = s[r * len + t];
+          const float p = s[r * n + t - t0];
           float* o = acc + r * D;
           const T* vj = row + j * a.kv_head_stride;
           for (int64_t d = 0; d < D; ++d) o[d] += p * to_float(vj[d]);
@@ -259,11 +264,11 @@ extern "C" int pagedllm_paged_decode_attention(
     const void* query, const void* key_cache, const void* value_cache,
     const int32_t* block_tables, const int32_t* seq_lens, void* out, int is_bf16,
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t num_blocks, int64_t block_size, float scale, int64_t max_len,
+    int64_t num_blocks, int64_t block_size, float scale, int64_t max_len, int64_t window,
     int64_t q_seq_stride, int64_t q_head_stride, int64_t kv_block_stride,
     int64_t kv_token_stride, int64_t kv_head_stride, int64_t bt_stride) {
   std::atomic<bool> bad_block{false};
-  const Args a{query, key_cache, value_cache, block_tables, seq_lens, out, scale, max_len,
+  const Args a{query, key_cache, value_cache, block_tables, seq_lens, out, scale, max_len, window,
                num_kv_heads, num_heads / num_kv_heads, head_dim, block_size, num_blocks,
                q_seq_stride, q_head_stride, kv_block_stride, kv_token_stride, kv_head_stride,
                bt_stride, &bad_block};

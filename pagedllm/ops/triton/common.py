@@ -6,6 +6,9 @@ blocks, so every position looks up its own physical block in the block table:
   position n  ->  block_table[n // BLOCK_SIZE] * block_stride + (n % BLOCK_SIZE) * token_stride
 
 The softmax runs in base 2 (exp2) with the scale folded into one multiplier, log2(e) * scale.
+
+A sliding window W hides key n from a query at position p when p - n >= W (HF's convention);
+"no window" is passed as NO_WINDOW, larger than any position, so one code path serves both.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+NO_WINDOW = 2**31 - 1  # the window of full attention: every position - NO_WINDOW is < 0
 
 
 @triton.jit
@@ -37,12 +41,14 @@ def attend_kv_tile(
     n0,  # first position of the tile
     kv_end,  # positions >= kv_end are not part of this program's range
     scale_log2e,
+    window,  # sliding window (only read when SLIDING)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_KV: tl.constexpr,  # the tile may run past kv_end
     CAUSAL: tl.constexpr,  # the tile may hold positions after some query row
+    SLIDING: tl.constexpr,  # the tile may hold positions before some query row's window
     DOT_PRECISION: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -67,15 +73,23 @@ def attend_kv_tile(
 
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
     if CAUSAL:
-        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
+        visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if SLIDING:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
     elif MASK_KV:
         s = tl.where(mask_n[None, :], s, float("-inf"))
 
-    # NOTE: every row has seen at least one visible key before (or in) this tile, so m_new is
-    # finite and exp2(-inf - m_new) = 0 handles the first tile without a special case.
+    # NOTE: without a window every row has seen at least one visible key before (or in) this
+    # tile, so m_new is finite and exp2(-inf - m_new) = 0 handles the first tile without a
+    # special case. A window can hide a whole tile from a row that has seen nothing yet: it
+    # then subtracts 0, not -inf, so that its terms stay 0 instead of exp2(-inf + inf) = NaN.
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_sub = m_new
+    if SLIDING:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
 
     v_ptrs = v_head_ptr + (block_ids * stride_vn + in_block * stride_vb)[:, None] + offs_d[None, :]

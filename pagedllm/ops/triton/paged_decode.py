@@ -12,6 +12,8 @@ One program serves one (sequence, KV head, partition):
       out = sum_p exp2(m_p - M) * acc_p / sum_p exp2(m_p - M) * l_p,   M = max_p m_p
 
 With one partition the first kernel normalises and writes `out` itself (no second launch).
+A sliding window W cuts each context to its last W tokens, [max(seq_len - W, 0), seq_len): the
+partitions split that range, so blocks before it are never read (they may be freed).
 Nothing here reads device memory on the host, so the op can be captured in a CUDA graph.
 """
 
@@ -23,6 +25,7 @@ import triton.language as tl
 
 from pagedllm.ops.triton.common import (
     LOG2E,
+    NO_WINDOW,
     attend_kv_tile,
     check_paged_inputs,
     dot_precision,
@@ -52,6 +55,7 @@ def _paged_decode_kernel(
     block_tables_ptr,  # [S, M]
     seq_lens_ptr,  # [S]
     scale_log2e,
+    window,  # sliding window, or NO_WINDOW
     partition_size,  # tokens per partition, a multiple of BLOCK_N
     num_splits,
     stride_qs,
@@ -80,7 +84,8 @@ def _paged_decode_kernel(
     num_heads = tl.num_programs(1) * QUERY_GROUP
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * partition_size
+    ctx_start = tl.maximum(seq_len - window, 0)  # the first key the query sees
+    start = ctx_start + split * partition_size
     if SPLIT:
         if start >= seq_len:
             return  # the merge only reads partitions that hold tokens
@@ -109,14 +114,14 @@ def _paged_decode_kernel(
     for n0 in range(start, full_end, BLOCK_N):
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
-            stride_kn, stride_kb, stride_vn, stride_vb, n0, end, scale_log2e,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, DOT_PRECISION,
+            stride_kn, stride_kb, stride_vn, stride_vb, n0, end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, False, DOT_PRECISION,
         )
     if full_end < end:
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
-            stride_kn, stride_kb, stride_vn, stride_vb, full_end, end, scale_log2e,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, False, DOT_PRECISION,
+            stride_kn, stride_kb, stride_vn, stride_vb, full_end, end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, False, False, DOT_PRECISION,
         )
 
     if SPLIT:
@@ -140,6 +145,7 @@ def _reduce_kernel(
     part_m_ptr,  # [S, Hq, P] fp32
     part_l_ptr,  # [S, Hq, P] fp32
     seq_lens_ptr,
+    window,
     partition_size,
     num_splits,
     stride_os,
@@ -152,7 +158,7 @@ def _reduce_kernel(
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     # Same ledger as the decode kernel: partitions past the sequence wrote nothing.
-    num_valid = tl.minimum(tl.cdiv(seq_len, partition_size), num_splits)
+    num_valid = tl.minimum(tl.cdiv(tl.minimum(seq_len, window), partition_size), num_splits)
 
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
@@ -201,8 +207,10 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [S] int32
     scale: float,
     max_seq_len: int | None = None,  # max(seq_lens) or any upper bound, if known
+    sliding_window: int | None = None,
 ) -> torch.Tensor:  # [S, Hq, D]
-    """Each sequence's single new token attends to its whole context (incl. itself).
+    """Each sequence's single new token attends to its whole context (incl. itself), or to
+    its last sliding_window tokens.
 
     max_seq_len only picks the number of partitions (a wrong value costs speed, not
     correctness); None takes the block tables' width, M * block_size, which needs no host sync.
@@ -210,9 +218,12 @@ def paged_decode_attention(
     """
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * key_cache.shape[1]
+    if sliding_window is not None:
+        max_seq_len = min(max_seq_len, sliding_window)  # the partitions split the window only
     num_splits = choose_num_splits(query.shape[0], key_cache.shape[2], max_seq_len, query.device)
     return _paged_decode(
-        query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len, num_splits
+        query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len, num_splits,
+        sliding_window=sliding_window,
     )
 
 
@@ -226,6 +237,7 @@ def _paged_decode(
     max_seq_len: int,
     num_splits: int,
     *,
+    sliding_window: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -255,10 +267,11 @@ def _paged_decode(
     else:
         part_out = part_m = part_l = out  # unused placeholders
 
+    window = NO_WINDOW if sliding_window is None else sliding_window
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_m, part_l,
         query, key_cache, value_cache, block_tables, seq_lens,
-        scale * LOG2E, partition, num_splits,
+        scale * LOG2E, window, partition, num_splits,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -277,7 +290,7 @@ def _paged_decode(
     )
     if split:
         _reduce_kernel[(num_seqs, num_heads)](
-            out, part_out, part_m, part_l, seq_lens, partition, num_splits,
+            out, part_out, part_m, part_l, seq_lens, window, partition, num_splits,
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,

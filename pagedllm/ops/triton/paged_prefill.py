@@ -2,7 +2,8 @@
 
 Each sequence contributes the *last* q_len of its seq_len tokens (chunked prefill, prefix-cache
 hits, or a q_len 1 decode row in a mixed batch); query j sits at position seq_len - q_len + j and
-sees keys 0 .. that position (bottom-right aligned causal mask).
+sees keys 0 .. that position (bottom-right aligned causal mask); with a sliding window W only
+the last W of them.
 
 One program serves one tile of BLOCK_Q query tokens x all QUERY_GROUP heads of one KV head. The
 group is packed into the tile's rows, so K/V are read once per KV head (GQA):
@@ -27,6 +28,7 @@ import triton.language as tl
 
 from pagedllm.ops.triton.common import (
     LOG2E,
+    NO_WINDOW,
     attend_kv_tile,
     check_paged_inputs,
     dot_precision,
@@ -44,6 +46,7 @@ def _paged_prefill_kernel(
     query_start_loc_ptr,  # [S + 1]
     seq_lens_ptr,  # [S]
     scale_log2e,
+    window,  # sliding window, or NO_WINDOW
     num_seqs,
     stride_qt,
     stride_qh,
@@ -104,22 +107,38 @@ def _paged_prefill_kernel(
     k_head_ptr = key_cache_ptr + kv_head * stride_kh
     v_head_ptr = value_cache_ptr + kv_head * stride_vh
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bts
-    # Keys 0 .. first_pos are visible to every row of the tile: whole tiles there skip the mask.
-    # The rest, up to the last row's position, goes through the causal mask.
+    # The tile's rows sit at first_pos .. last_pos (= kv_end - 1); its keys fall into three runs:
+    #
+    #   [lo, mid)           some rows' windows start after these keys: window + causal mask
+    #   [mid, full_end)     whole KV tiles that every row sees (>= last_pos - W + 1 and
+    #                       <= first_pos): no mask
+    #   [full_end, kv_end)  after some rows' positions: causal mask (every window reaches them)
+    #
+    # lo = max(first_pos - W + 1, 0): the first key any row sees; mid = max(last_pos - W + 1, lo)
+    # rounded up to whole tiles from lo. Without a window (W = NO_WINDOW) lo = mid = 0.
     first_pos = context_len + q_tile * BLOCK_Q
     kv_end = tl.minimum(context_len + (q_tile + 1) * BLOCK_Q, seq_len)
-    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    for n0 in range(0, full_end, BLOCK_N):
+    lo = tl.maximum(first_pos - window + 1, 0)
+    mid_end = tl.maximum(kv_end - window, lo)  # kv_end - 1 is the last row's position
+    for n0 in range(lo, mid_end, BLOCK_N):
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
-            stride_kn, stride_kb, stride_vn, stride_vb, n0, kv_end, scale_log2e,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, DOT_PRECISION,
+            stride_kn, stride_kb, stride_vn, stride_vb, n0, kv_end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, True, True, DOT_PRECISION,
+        )
+    mid = lo + tl.cdiv(mid_end - lo, BLOCK_N) * BLOCK_N
+    full_end = mid + tl.maximum(first_pos + 1 - mid, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(mid, full_end, BLOCK_N):
+        acc, m_i, l_i = attend_kv_tile(
+            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
+            stride_kn, stride_kb, stride_vn, stride_vb, n0, kv_end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, False, DOT_PRECISION,
         )
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
-            stride_kn, stride_kb, stride_vn, stride_vb, n0, kv_end, scale_log2e,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, True, DOT_PRECISION,
+            stride_kn, stride_kb, stride_vn, stride_vb, n0, kv_end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, True, False, DOT_PRECISION,
         )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -159,6 +178,7 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,  # [S] int32
     scale: float,
     max_seq_len: int | None = None,  # unused: the grid comes from shapes alone
+    sliding_window: int | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Variable-length chunks, each the *last* q_len tokens of its sequence, attend causally.
 
@@ -182,7 +202,7 @@ def paged_prefill_attention(
     num_tiles = num_tokens // block_q + num_seqs
     _paged_prefill_kernel[(num_tiles, num_kv_heads)](
         out, query, key_cache, value_cache, block_tables, query_start_loc, seq_lens,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E, NO_WINDOW if sliding_window is None else sliding_window, num_seqs,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
