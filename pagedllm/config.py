@@ -23,6 +23,9 @@ class ModelConfig:
     max_model_len: int
     hf_config: Any  # transformers.PretrainedConfig
     seed: int = 0
+    # Where request sampling defaults come from (loader/generation_config.py): "auto" (the
+    # model's generation_config.json), "vllm" (none), or a folder.
+    generation_config: str = "auto"
 
     @property
     def num_layers(self) -> int:

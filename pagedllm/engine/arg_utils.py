@@ -21,6 +21,7 @@ class EngineArgs:
     revision: str | None = None  # of a Hub id
     download_dir: str | None = None  # the Hub cache to look in / download to (else HF_HOME's)
     trust_remote_code: bool = False  # refused: pagedllm runs no code from a checkpoint
+    generation_config: str = "auto"  # sampling defaults: model's file | "vllm" (none) | folder
     dtype: str = "auto"
     seed: int = 0
     block_size: int = 16
@@ -104,7 +105,8 @@ class EngineArgs:
             cache_kwargs["cpu_kv_cache_gib"] = self.cpu_kv_cache_gib
         return EngineConfig(
             model=ModelConfig(model=model, load_format=load_format, dtype=dtype,
-                              max_model_len=max_model_len, hf_config=hf_config, seed=self.seed),
+                              max_model_len=max_model_len, hf_config=hf_config, seed=self.seed,
+                              generation_config=self.generation_config),
             cache=CacheConfig(
                 block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override, swap_space=self.swap_space,
@@ -135,6 +137,9 @@ class EngineArgs:
         parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id")
         parser.add_argument("--download-dir", default=None,
                             help="Hugging Face cache directory (default: HF_HOME's)")
+        parser.add_argument("--generation-config", default=d.generation_config,
+                            help="request sampling defaults: 'auto' (the model's "
+                            "generation_config.json), 'vllm' (none), or a folder holding one")
         parser.add_argument("--trust-remote-code", action="store_true",
                             help="refused with an error: pagedllm runs no checkpoint code")
         parser.add_argument("--dtype", default=d.dtype, choices=_DTYPES)

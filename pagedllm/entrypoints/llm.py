@@ -41,6 +41,16 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use without sampling params: SamplingParams() with the
+        model's generation_config.json defaults (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens), as vLLM does; `generation_config="vllm"` skips
+        the file."""
+        from pagedllm.loader.generation_config import generation_defaults
+
+        m = self.llm_engine.config.model
+        return SamplingParams(**generation_defaults(m.model, m.generation_config))
+
     def generate(
         self,
         prompts: PromptType | SequenceABC[PromptType],
@@ -57,7 +67,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):

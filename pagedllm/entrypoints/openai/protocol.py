@@ -272,22 +272,24 @@ class _SamplingRequest(OpenAIBaseModel):
                            param="stream_options")
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                           prompt_logprobs: int | None = None, compact_json: bool = False
-                           ) -> SamplingParams:
+                           prompt_logprobs: int | None = None, compact_json: bool = False,
+                           defaults: dict | None = None) -> SamplingParams:
         """Raises ValueError naming the field for out-of-range values. ``compact_json`` is the
         server's default for ``disable_any_whitespace`` (a request's structured_outputs may
-        set it itself)."""
+        set it itself). ``defaults``: the model's generation_config.json values, for the
+        sampling fields the request leaves unset."""
+        defaults = defaults or {}
 
-        def pick(value, default):
-            return default if value is None else value
+        def pick(value, default, name: str = ""):
+            return defaults.get(name, default) if value is None else value
 
         return SamplingParams(
             n=pick(self.n, 1),
-            temperature=pick(self.temperature, 1.0),
-            top_p=pick(self.top_p, 1.0),
-            top_k=pick(self.top_k, 0),
-            min_p=pick(self.min_p, 0.0),
-            repetition_penalty=pick(self.repetition_penalty, 1.0),
+            temperature=pick(self.temperature, 1.0, "temperature"),
+            top_p=pick(self.top_p, 1.0, "top_p"),
+            top_k=pick(self.top_k, 0, "top_k"),
+            min_p=pick(self.min_p, 0.0, "min_p"),
+            repetition_penalty=pick(self.repetition_penalty, 1.0, "repetition_penalty"),
             presence_penalty=pick(self.presence_penalty, 0.0),
             frequency_penalty=pick(self.frequency_penalty, 0.0),
             seed=self.seed,

@@ -32,9 +32,11 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = await self.render(request, tool_mode)
         max_tokens = request.requested_max_tokens
         self.check_length(len(prompt_ids), max_tokens, "messages")
+        max_tokens = self.default_max_tokens(max_tokens, [len(prompt_ids)])
         num_logprobs = request.num_logprobs()
         params = self.make_params(lambda: request.to_sampling_params(
-            max_tokens, num_logprobs, compact_json=self.compact_json))
+            max_tokens, num_logprobs, compact_json=self.compact_json,
+            defaults=self.sampling_defaults))
         forced = constraint(request.tools, tool_mode) if tool_mode else None
         if forced is not None:  # 'required' / named: the grammar makes the calls parse
             if params.structured_outputs is not None:

@@ -40,8 +40,10 @@ class OpenAIServingCompletion(OpenAIServing):
         echo = bool(request.echo)
         # echo + logprobs also reports the prompt's tokens, so ask the engine for them.
         prompt_logprobs = num_logprobs if echo and num_logprobs is not None else None
+        max_tokens = self.default_max_tokens(request.max_tokens, [len(i) for _, i in prompts])
         params = self.make_params(lambda: request.to_sampling_params(
-            request.max_tokens, num_logprobs, prompt_logprobs, self.compact_json))
+            max_tokens, num_logprobs, prompt_logprobs, self.compact_json,
+            defaults=self.sampling_defaults))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
 

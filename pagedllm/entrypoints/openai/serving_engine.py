@@ -27,6 +27,7 @@ from pagedllm.engine.async_engine import (
 )
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.entrypoints.openai.protocol import APIError
+from pagedllm.loader.generation_config import generation_defaults
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -98,6 +99,9 @@ class OpenAIServing:
         # Decoding (echo, logprob tokens) on the loop; encoding in `encoder`'s thread.
         self.tokenizer = tokenizer
         self.encoder = encoder
+        # The model's generation_config.json defaults, for fields a request leaves unset.
+        m = engine.config.model
+        self.sampling_defaults = generation_defaults(m.model, m.generation_config)
         self.model_name = model_name
         self.compact_json = False  # --structured-outputs-disable-any-whitespace
         self.tool_call_parser: str | None = None  # --tool-call-parser
@@ -126,6 +130,16 @@ class OpenAIServing:
         ignored = request.ignored_fields()
         if ignored:
             logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(ignored)))
+
+    def default_max_tokens(self, max_tokens: int | None, prompt_lens: list[int]) -> int | None:
+        """With a max_new_tokens in the model's generation_config.json, the smallest of it,
+        the request's max_tokens and what the longest prompt leaves of the context (vLLM's
+        rule: the file caps requests too); else the request's max_tokens."""
+        default = self.sampling_defaults.get("max_tokens")
+        if default is None:
+            return max_tokens
+        room = max(1, self.max_model_len - max(prompt_lens))
+        return min(v for v in (max_tokens, default, room) if v is not None)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
