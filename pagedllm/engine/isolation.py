@@ -69,11 +69,8 @@ class StepIsolation:
         blamed; else fail the one request, or quarantine them all to run alone."""
         core = self.core
         groups = [g for g in groups if g.request_id in core.requests]
-        try:
-            core.executor.check_health()
-        except Exception:
-            raise exc from None  # a worker is gone: every request is lost, not one
-        if not groups or is_engine_failure(exc):
+        self._raise_if_engine_failure(exc)
+        if not groups:
             raise exc
         logger.warning("a step of %d request(s) failed (%r); running them one at a time to "
                        "find the cause", len(groups), exc)
@@ -113,12 +110,7 @@ class StepIsolation:
                 outputs += core.run_scheduled(out)
             except Exception as exc:
                 core.stats["step_failures_total"] += 1
-                try:
-                    core.executor.check_health()
-                except Exception:
-                    raise exc from None
-                if is_engine_failure(exc):
-                    raise
+                self._raise_if_engine_failure(exc)
                 self.quarantine.popleft()
                 core.scheduler.evict(group)
                 return outputs + [self._fail(group, exc, alone=True)]
@@ -127,6 +119,16 @@ class StepIsolation:
                 logger.info("request %s ran alone without error; back in the batches",
                             group.request_id)
                 return outputs
+
+    def _raise_if_engine_failure(self, exc: Exception) -> None:
+        """Re-raise `exc` if no request can be blamed: a worker is gone (every request is
+        lost, not one) or the device failed."""
+        try:
+            self.core.executor.check_health()
+        except Exception:
+            raise exc from None
+        if is_engine_failure(exc):
+            raise exc
 
     def _fail(self, group: SequenceGroup, exc: Exception, alone: bool) -> EngineCoreOutput:
         self.suspicions.pop(group.request_id, None)

@@ -36,7 +36,9 @@ from pagedllm.layers.linear import (
 )
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.models.config_check import Supports
-from pagedllm.models.utils import load_params, packed, tie_word_embeddings
+from pagedllm.models.utils import (
+    LLAMA_PACKED_MODULES, load_params, packed, tie_word_embeddings,
+)
 
 
 class Gemma3RMSNorm(nn.Module):
@@ -153,13 +155,7 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = LLAMA_PACKED_MODULES
     # Final logits are soft-capped when the config asks (not in any Gemma 3 release); attention
     # logits are not (the kernels do not cap scores), so a config asking for that is refused.
     supports = Supports(activations=("gelu_pytorch_tanh",), rope_types=("default", "linear"),

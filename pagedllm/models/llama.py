@@ -27,7 +27,7 @@ from pagedllm.layers.linear import (
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding, partial_rotary_factor, rope_config
 from pagedllm.models.config_check import Supports
-from pagedllm.models.utils import load_params, packed
+from pagedllm.models.utils import LLAMA_PACKED_MODULES, load_params, packed
 
 
 class LlamaMLP(nn.Module):
@@ -125,14 +125,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # HF checkpoint name -> (our fused parameter, shard id)
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = LLAMA_PACKED_MODULES
     qkv_bias = False
     qk_norm = False
     decoder_layer_cls = LlamaDecoderLayer

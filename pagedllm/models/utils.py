@@ -15,6 +15,16 @@ from torch import nn
 
 Weight = tuple[str, torch.Tensor, object]  # (our parameter name, full HF tensor, shard id)
 
+# HF checkpoint name -> (our fused parameter, shard id), for the Llama-style attention and
+# gated MLP that Llama, Mistral, Qwen2/3 and Gemma 3 share.
+LLAMA_PACKED_MODULES = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
 
 def packed(weights: Iterable[tuple[str, torch.Tensor]], mapping: dict[str, tuple[str, object]]
            ) -> Iterator[Weight]:
