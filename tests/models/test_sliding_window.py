@@ -126,3 +126,16 @@ def test_mistral_chunked_prefill_over_freed_blocks(checkpoints, expected):
     outs = ours_greedy(llm, prompts())
     assert [o.token_ids for o in outs] == [tokens for tokens, _ in expected("mistral")]
     llm.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_tensor_parallel_2_matches_hf(checkpoints, expected, arch):
+    """TP=2 (two ranks over gloo): the window, Gemma's per-head q/k norms and its scaled
+    query split by heads, and the tokens stay HF's."""
+    llm = LLM(checkpoints[arch][0], block_size=BLOCK_SIZE, tensor_parallel_size=2,
+              **SMALL_ENGINE)
+    try:
+        outs = ours_greedy(llm, prompts())
+    finally:
+        llm.shutdown()
+    assert [o.token_ids for o in outs] == [tokens for tokens, _ in expected(arch)]
