@@ -50,10 +50,13 @@ def _client(server) -> httpx.Client:
                         headers={"Authorization": f"Bearer {API_KEY}"})
 
 
-def _stream_events(server, prompt: str, events: list, started: threading.Event) -> None:
+def _stream_events(server, prompt: str, events: list, started: threading.Event,
+                   opened: threading.Semaphore | None = None) -> None:
     body = {"model": _model(server), "prompt": prompt, "max_tokens": 400, "temperature": 0.0,
             "ignore_eos": True, "stream": True}
     with _client(server) as http, http.stream("POST", "/v1/completions", json=body) as resp:
+        if opened is not None:
+            opened.release()  # headers came: the engine holds the request
         for line in resp.iter_lines():
             if line.startswith("data: "):
                 events.append((time.monotonic(), line[6:]))
@@ -174,17 +177,22 @@ def test_sigterm_with_8_streams_ends_each_and_exits_0(tiny_llama_dir):
     try:
         spawned = _spawned(server.proc.pid)
         started = threading.Event()  # set by whichever stream gets a token first
+        opened = threading.Semaphore(0)  # released once per stream the server has accepted
         streams = [([], started) for _ in range(8)]
-        threads = [threading.Thread(target=_stream_events, args=(server, f"story {i}", ev, st))
+        threads = [threading.Thread(target=_stream_events,
+                                    args=(server, f"story {i}", ev, st, opened))
                    for i, (ev, st) in enumerate(streams)]
         for t in threads:
             t.start()
+        # The signal must find all 8 accepted: one sent after it gets a plain 503, not a stream.
+        for _ in streams:
+            assert opened.acquire(timeout=60)
         assert started.wait(60)
         time.sleep(0.2)
         t0 = time.monotonic()
         server.proc.terminate()
         assert server.proc.wait(30) == 0
-        assert time.monotonic() - t0 < 1 + 5  # the shutdown timeout, and start-up of none
+        assert time.monotonic() - t0 < 1 + 10  # the shutdown timeout, plus slack for a loaded host
         for t in threads:
             t.join(10)
             assert not t.is_alive()
