@@ -22,6 +22,13 @@ Beside each result: the workload's roofline (benchmarks/gpu_utils.py) and the GP
         --hf-backend none                                     # prefill-heavy (1024 in / 16 out)
 
 Prints one markdown table row per model and engine.
+
+Structured output's cost (`--json-schema`): the same requests plain and constrained by a JSON
+schema (an array of small objects, compact JSON), on one engine, alternating `--repeat` times.
+The schema needs far more than `--output-len` tokens to complete, so every constrained request
+also emits exactly `--output-len` tokens: the two runs do the same work but for the grammar.
+
+    python benchmarks/throughput.py --json-schema --repeat 3    # the README rows
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ def run_pagedllm(args, prompts, model_path: str | None) -> tuple[float, int]:
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(model_path, dtype=args.dtype, device=args.device, seed=args.seed,
-              load_format=args.load_format)
+              load_format=args.load_format, batch_invariant=args.batch_invariant)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
     llm.llm_engine.engine_core.block_manager.reset_prefix_cache()  # no help from the warm-up's blocks
@@ -65,6 +72,52 @@ def run_pagedllm(args, prompts, model_path: str | None) -> tuple[float, int]:
     elapsed = time.perf_counter() - start
     llm.shutdown()
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+# Records as an agent's extraction would ask for them; minItems keeps the grammar from ending
+# before max_tokens, so both runs emit the same number of tokens.
+JSON_SCHEMA = {"type": "array", "minItems": 1000, "items": {
+    "type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+    "properties": {"name": {"type": "string", "maxLength": 24},
+                   "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                   "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]},
+                            "maxItems": 3}}}}
+
+
+def run_json_schema(args, prompts, model_path: str) -> None:
+    """Plain vs JSON-schema-constrained on the same requests and engine, alternating."""
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.sampling_params import StructuredOutputsParams
+
+    llm = LLM(model_path, dtype=args.dtype, device=args.device, seed=args.seed,
+              load_format=args.load_format, batch_invariant=args.batch_invariant)
+    plain = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    schema = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(
+                                json=JSON_SCHEMA, disable_any_whitespace=True))
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    for params in (plain, schema):  # warm-up: kernels, and the grammar's token trie
+        llm.generate(requests[:2], params, use_tqdm=False)
+    label = os.path.basename(model_path)
+    # Wall time, and the process's CPU time: on a shared machine the second is the steadier.
+    times: dict[str, list[tuple[float, float]]] = {"plain": [], "json_schema": []}
+    for _ in range(args.repeat):
+        for name, params in (("plain", plain), ("json_schema", schema)):
+            llm.llm_engine.engine_core.block_manager.reset_prefix_cache()
+            start, cpu = time.perf_counter(), time.process_time()
+            outs = llm.generate(requests, params, use_tqdm=False)
+            secs, cpu = time.perf_counter() - start, time.process_time() - cpu
+            toks = sum(len(o.outputs[0].token_ids) for o in outs)
+            assert toks == len(prompts) * args.output_len, (name, toks)  # the same work
+            times[name].append((secs, cpu))
+            print(f"| {label} | pagedllm {name} | {len(prompts)} | {toks} | {secs:.2f} | "
+                  f"{toks / secs:.1f} | (CPU {cpu:.2f} s) |", flush=True)
+    for k, what in ((0, "wall"), (1, "CPU")):
+        overheads = [j[k] / p[k] - 1 for p, j in zip(times["plain"], times["json_schema"])]
+        print(f"# json_schema overhead in {what} time, per pair: "
+              f"{', '.join(f'{o:+.1%}' for o in overheads)}; "
+              f"median {sorted(overheads)[len(overheads) // 2]:+.1%}")
+    llm.shutdown()
 
 
 def run_hf(args, prompts, model_path: str) -> tuple[float, int]:
@@ -116,6 +169,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json-schema", action="store_true",
+                    help="structured output's cost: plain vs a JSON schema on the same requests")
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                    help="pagedllm's batch-invariant mode (default: the engine's)")
+    ap.add_argument("--peers", default=None,
+                    help="CPU: hf,vllm-cpu - the three-engine table on the random, ShareGPT and "
+                    "batch-1 chat workloads with the CPU roofline (benchmarks/cpu_peers.py)")
+    ap.add_argument("--peer-workloads", default="random,sharegpt,chat",
+                    help="with --peers: which of random, sharegpt, chat")
     ap.add_argument("--gemma3", action=argparse.BooleanOptionalAction, default=True,
                     help="also run Gemma 3 270M after the default model (not with --model)")
     gpu = ap.add_argument_group("CUDA options (--device cuda)")
@@ -133,12 +195,18 @@ def main() -> None:
     gpu.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                      help="plan step N+1 while step N runs (default: the engine's, on for CUDA)")
     gpu.add_argument("--no-detokenize", action="store_true")
-    gpu.add_argument("--repeat", type=int, default=1, help="timed runs; the last is reported")
+    gpu.add_argument("--repeat", type=int, default=1,
+                     help="timed runs; the last is reported (--json-schema: pairs, all shown)")
     args = ap.parse_args()
     if args.device == "cuda":
         from throughput_gpu import main_gpu
 
         main_gpu(args)
+        return
+    if args.peers is not None:
+        from cpu_peers import run_peers  # benchmarks/ is on sys.path when run as a script
+
+        run_peers(args)
         return
     if args.num_prompts is None:
         args.num_prompts = 32
@@ -160,6 +228,9 @@ def main() -> None:
           f"{hw}, torch {torch.__version__}")
     print("| model | engine | requests | output tokens | seconds | output tok/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
+    if args.json_schema:
+        run_json_schema(args, prompts, models[0][0])
+        return
     for path, name in models:
         if path is None:
             print(f"# {name}: not installed (`make setup` installs the "

@@ -13,6 +13,8 @@ DEFAULT_CPU_KV_CACHE_GIB = 2.0  # KV budget on a CPU when num_gpu_blocks_overrid
 # paged: PagedAttention's blocks on demand (core/block_manager.py); orca-*: the paper's baselines,
 # one contiguous region per request reserved upfront (core/reservation.py)
 KV_ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle")
+# KV-cache element types (vLLM's --kv-cache-dtype): auto = the model dtype; fp8 = float8_e4m3fn.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e5m2", "int8")
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,12 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB
     kv_allocator: str = "paged"
+    cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES (worker/cache_engine.py: the layout)
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.cache_dtype!r}")
         if self.kv_allocator not in KV_ALLOCATORS:
             raise ValueError(f"kv_allocator must be one of {', '.join(KV_ALLOCATORS)}, "
                              f"got {self.kv_allocator!r}")
@@ -105,7 +111,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
-    policy: str = "fcfs"  # fcfs | priority
+    policy: str = "fcfs"  # fcfs | priority | sjf | fair (core/policy.py)
+    # Options of one policy each (None: its default); set under another policy: an error.
+    length_predictor: str | None = None  # sjf: "online" (default) | "oracle"
+    aging_rate: float | None = None  # sjf: predicted tokens forgiven per step waited
+    fair_weights: tuple[float, float] | None = None  # fair: (prefill, decode) token weights
     preemption_mode: str | None = None  # None: recompute for 1 live seq, swap for groups
     # Admission control (the server's --max-waiting / --max-queued-tokens): a new request
     # still waiting after the step that first saw it is refused if the waiting queue would
@@ -127,8 +137,9 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
                 f"({self.max_model_len}) when chunked prefill is disabled")
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        from pagedllm.core.policy import check_policy_options
+
+        check_policy_options(self)
         if self.preemption_mode not in (None, "recompute", "swap"):
             raise ValueError(
                 f"preemption_mode must be 'recompute', 'swap' or None, got {self.preemption_mode!r}")
@@ -194,6 +205,9 @@ class EngineConfig:
     # core this process may run on, less one when the core has its own process (the frontend
     # beside it needs one: OpenMP threads that must wait for a time slice stall every step).
     cpu_threads: int | None = None
+    # One reduction order per row whatever shares the step (ops/batch_invariant.py; CPU, fp32).
+    # None: on where it can be honoured (CPU, fp32 weights and cache, the C++ kernel), else off.
+    batch_invariant: bool | None = None
     # load_format="simulate": the device profile the cost model prices steps on (a name in
     # pagedllm/sim/profiles.json or a JSON file); None otherwise.
     sim_profile: str | None = None

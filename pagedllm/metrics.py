@@ -14,6 +14,7 @@ Three kinds, kept in one registry per server:
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -119,6 +120,9 @@ class ServingMetrics:
         self.e2e_request_latency = Histogram(
             PREFIX + "e2e_request_latency_seconds", "Arrival to last generated token.",
             buckets=_E2E_BUCKETS, registry=self.registry)
+        # The latest finished requests' (finish time, TTFT, TPOT or None): the dashboard's
+        # exact percentiles over a recent window (the histograms keep buckets only).
+        self.recent_latencies: collections.deque = collections.deque(maxlen=1024)
 
     def count_finished(self, reason: str) -> None:
         assert reason in FINISHED_REASONS, reason
@@ -134,8 +138,10 @@ class ServingMetrics:
         self.e2e_request_latency.observe(last - arrival)
         # With n > 1 the sequences decode in lockstep: the longest one spans first..last.
         num_tokens = max((len(o.token_ids) for o in out.outputs), default=0)
-        if num_tokens > 1:
-            self.time_per_output_token.observe((last - first) / (num_tokens - 1))
+        tpot = (last - first) / (num_tokens - 1) if num_tokens > 1 else None
+        if tpot is not None:
+            self.time_per_output_token.observe(tpot)
+        self.recent_latencies.append((last, first - arrival, tpot))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,6 +6,7 @@ raises ``ValueError`` naming the field and the range it must lie in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import IntEnum
@@ -101,10 +102,14 @@ class SamplingParams:
     ``top_k`` 0 or -1 disables top-k (stored as 0). ``max_tokens=None`` means "up to the
     model's context length"; the engine resolves it. ``logprobs=k`` asks for the sampled
     token's logprob plus the ``k`` most likely tokens at each step (``0``: the sampled one only);
-    ``prompt_logprobs`` is the same for every prompt position.
+    ``prompt_logprobs`` is the same for every prompt position. ``best_of`` > ``n`` samples
+    ``best_of`` sequences and returns the ``n`` with the highest cumulative logprob, as the
+    paper's engine (vLLM v0) did; the choice is known only at the end, so such a request
+    reports only its final output.
     """
 
     n: int = 1
+    best_of: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -168,6 +173,12 @@ class SamplingParams:
             self.temperature <= _FP32_MAX,
             f"temperature must be finite in float32 (<= {_FP32_MAX:.4g}), got {self.temperature}",
         )
+        if self.best_of is not None:
+            _check(_is_int(self.best_of) and self.n <= self.best_of <= MAX_N,
+                   f"best_of must be in [n, {MAX_N}] (n={self.n}), got {self.best_of}")
+            _check(self.best_of == self.n or self.temperature >= _GREEDY_EPS,
+                   f"best_of > n needs sampling (temperature > 0): greedy samples are all the "
+                   f"same, got best_of={self.best_of}, temperature={self.temperature}")
         _check(
             _is_real(self.top_p) and 0.0 < self.top_p <= 1.0,
             f"top_p must be in (0, 1], got {self.top_p}",
@@ -252,6 +263,20 @@ class SamplingParams:
         _check(self.structured_outputs is None
                or isinstance(self.structured_outputs, StructuredOutputsParams),
                "structured_outputs must be a StructuredOutputsParams")
+
+    @property
+    def picks_best_of(self) -> bool:
+        return self.best_of is not None and self.best_of > self.n
+
+    def core_params(self) -> SamplingParams:
+        """What the engine core runs: for best_of > n, best_of samples (the n > 1 fork path,
+        prompt blocks shared) with the sampled tokens' logprobs, which rank them at the end
+        (OutputProcessor keeps the n best), and nothing streamed before that end."""
+        if not self.picks_best_of:
+            return self
+        return dataclasses.replace(
+            self, n=self.best_of, best_of=None, logprobs=0 if self.logprobs is None else self.logprobs,
+            output_kind=RequestOutputKind.FINAL_ONLY)
 
     @property
     def is_greedy(self) -> bool:

@@ -90,7 +90,8 @@ def make_core(model: str = "opt-13b", allocator: str = "paged", block_size: int 
     """The real engine core on the simulated executor, with the paper's KV cache size."""
     _, tp, profile, slots = MODELS[model]
     args = EngineArgs(
-        model=os.path.join(HERE, "models", model), load_format="simulate", sim_profile=profile,
+        model=os.path.join(HERE, "models", model), load_format="simulate",
+        sim_profile=kwargs.pop("sim_profile", profile),
         tensor_parallel_size=tp, kv_allocator=allocator, block_size=block_size, seed=seed,
         num_gpu_blocks_override=(num_slots or slots) // block_size,
         enable_prefix_caching=False, **kwargs)

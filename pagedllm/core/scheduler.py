@@ -1,74 +1,39 @@
 """Continuous batching under one token budget (no prefill/decode phases).
 
 Every live sequence catches num_computed_tokens up to len(token_ids). Each step:
-  1. running groups, in priority order: a decode costs 1 token, a prefill a chunk of the budget;
-     when blocks run out, the lowest-priority running group is preempted (recompute or swap);
-  2. if nothing was preempted: swapped groups come back first, then waiting groups are admitted
-     (prefix-cache hits start them past their cached blocks).
-The plan (SchedulerOutput) goes to the model runner; the scheduler never touches tensors.
+  0. the priority policy only: a waiting group that cannot get blocks preempts running groups
+     of lower priority;
+  1. running groups, in the policy's order: a decode costs 1 token, a prefill a chunk of the
+     budget; when blocks run out, the last running group in that order is preempted
+     (recompute or swap);
+  2. if nothing was preempted in 1: swapped groups come back first, then waiting groups are
+     admitted in the policy's order (prefix-cache hits start them past their cached blocks).
+The policy (fcfs, priority, sjf, fair) ranks the groups: core/policy.py. The plan
+(SchedulerOutput, core/scheduler_output.py) goes to the model runner; the scheduler never
+touches tensors.
 """
 
 from __future__ import annotations
 
 import bisect
-import enum
 import itertools
-from dataclasses import dataclass, field
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.block_manager import BlockManager
 from pagedllm.core.kv_accounting import KVMemoryStats
+from pagedllm.core.policy import OutputLengthPredictor, control_admission, create_policy
+from pagedllm.core.scheduler_output import PreemptionMode, ScheduledSeq, SchedulerOutput
 from pagedllm.core.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
-class PreemptionMode(enum.Enum):
-    RECOMPUTE = "recompute"
-    SWAP = "swap"
-
-
-@dataclass(slots=True)
-class ScheduledSeq:
-    seq: Sequence
-    group: SequenceGroup
-    num_new_tokens: int
-    block_ids: list[int]
-    # Parallel sampling: sequences forked from `seq` this step, sampling from its logits.
-    forks: list[Sequence] = field(default_factory=list)
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the sequence, so its last logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, cpu)
-    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, device)
-    preempted: list[SequenceGroup] = field(default_factory=list)
-    # Groups that cannot fit in the KV cache even alone: the engine fails them with this reason.
-    rejected: list[tuple[SequenceGroup, str]] = field(default_factory=list)
-    # A waiting or swapped group stayed out for lack of KV memory (the accounting then counts
-    # the free slots as lost to external fragmentation, core/kv_accounting.py).
-    waiting_for_blocks: bool = False
-    # Admission control (only with max_waiting / max_queued_tokens): the requests added since
-    # the last step that were kept, and those refused because the queue is full.
-    admitted: list[SequenceGroup] = field(default_factory=list)
-    refused: list[tuple[SequenceGroup, str]] = field(default_factory=list)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 predictor: OutputLengthPredictor | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
-        self.waiting: list[SequenceGroup] = []  # sorted by sort_key (arrival or priority)
-        self.running: list[SequenceGroup] = []  # sorted by sort_key: the tail is preempted first
+        self.policy = create_policy(config, predictor)
+        self.waiting: list[SequenceGroup] = []  # sorted by the policy's rank
+        self.running: list[SequenceGroup] = []  # sorted by rank: the tail is preempted first
         self.swapped: list[SequenceGroup] = []
         self.num_preemptions = 0
         self.num_swapped_out_blocks = 0
@@ -86,9 +51,10 @@ class Scheduler:
 
     # ---- queue management ----------------------------------------------------------------
     def _key(self, group: SequenceGroup) -> tuple:
-        return group.sort_key(self.config.policy)
+        return self.policy.rank(group)
 
     def add(self, group: SequenceGroup) -> None:
+        self.policy.on_add(group, (self.waiting, self.running, self.swapped))
         bisect.insort(self.waiting, group, key=self._key)
         if self.config.max_waiting is not None or self.config.max_queued_tokens is not None:
             self._arrivals.append(group)
@@ -104,6 +70,8 @@ class Scheduler:
             for group in queue:
                 if group.request_id == request_id:
                     queue.remove(group)
+                    if group.is_finished:  # ended by stop strings (the core's finish_seqs)
+                        self.policy.on_finished(group)
                     for seq in group.live_seqs():
                         self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
                     return group
@@ -130,11 +98,19 @@ class Scheduler:
             if finished:
                 setattr(self, name, [g for g in queue if g not in finished])
                 done.extend(finished)
+        for group in done:
+            self.policy.on_finished(group)
         return done
 
     # ---- the step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.policy.on_step()
+        if not self.policy.fixed:  # ranks moved since the last step (waiting: see _admit_waiting)
+            self.running.sort(key=self._key)
+        if self.policy.preempts_for_waiting and self.waiting and self.running:
+            self._preempt_for_waiting(out)
+        num_preempted = len(out.preempted)
         budget = self.config.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -156,46 +132,46 @@ class Scheduler:
             budget -= sum(e.num_new_tokens for e in entries)
             i += 1
 
-        if not out.preempted:
+        pressure = len(out.preempted) > num_preempted  # running groups lacked blocks
+        if not pressure:
             budget = self._resume_swapped(budget, out)
-        if not out.preempted and not self.swapped:
+        if not pressure and not self.swapped:
             self._admit_waiting(budget, out)
         if self._arrivals:
             self._control_admission(out)
         return out
 
     def _control_admission(self, out: SchedulerOutput) -> None:
-        """Refuse the requests added since the last step that are still waiting after it,
-        newest first, while the waiting queue holds more than max_waiting requests or
-        max_queued_tokens uncomputed tokens. Requests that waited before (preempted ones
-        among them) are never refused: only arrivals, which nothing has been sent for."""
+        """Refuse arrivals over the waiting caps (policy.control_admission says which)."""
         arrivals, self._arrivals = self._arrivals, []
-        cap_n, cap_tokens = self.config.max_waiting, self.config.max_queued_tokens
-        new = {id(g) for g in arrivals}
-        n, tokens = 0, 0
-        for group in self.waiting:
-            if id(group) not in new:
-                n += 1
-                tokens += sum(s.num_tokens - s.num_computed_tokens for s in group.live_seqs())
-        waiting = {id(g) for g in self.waiting}
-        for group in arrivals:  # in the order they came
-            if group.is_finished:
-                continue  # aborted before this step
-            if id(group) in waiting:
-                need = sum(s.num_tokens for s in group.live_seqs())
-                over = (f"{n} requests wait (max_waiting={cap_n})"
-                        if cap_n is not None and n + 1 > cap_n else
-                        f"{tokens} prompt tokens wait and this request adds {need} "
-                        f"(max_queued_tokens={cap_tokens})"
-                        if cap_tokens is not None and tokens + need > cap_tokens else None)
-                if over is not None:
-                    self.waiting.remove(group)
-                    for seq in group.live_seqs():
-                        self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
-                    out.refused.append((group, f"the server is busy: {over}; retry later"))
-                    continue
-                n, tokens = n + 1, tokens + need
-            out.admitted.append(group)
+        admitted, refused = control_admission(self.waiting, arrivals, self.config.max_waiting,
+                                              self.config.max_queued_tokens)
+        for group, _ in refused:
+            self.waiting.remove(group)
+            for seq in group.live_seqs():
+                self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
+        out.admitted += admitted
+        out.refused += refused
+
+    def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
+        """Strict priority (vLLM's): waiting groups, most important first, preempt running
+        groups of a larger priority value (the least important, latest first; by recompute,
+        so they wait behind) until the blocks and sequence slots for their next chunk are
+        free. Preemption takes no blocks from groups of the same priority."""
+        bm, budget = self.block_manager, self.config.max_num_batched_tokens
+        need_blocks, need_seqs = 0, self.num_live_seqs()
+        for group in list(self.waiting):
+            live = group.live_seqs()
+            need_blocks += bm.num_blocks_to_allocate(
+                [(s, min(s.num_tokens - s.num_computed_tokens, budget), []) for s in live])
+            need_seqs += len(live)
+            while (need_blocks > bm.num_free_blocks or need_seqs > self.config.max_num_seqs) \
+                    and self.running and self.running[-1].priority > group.priority:
+                victim = self.running.pop()
+                need_seqs -= len(victim.live_seqs())
+                self._preempt(victim, out, PreemptionMode.RECOMPUTE)
+            if need_blocks > bm.num_free_blocks or need_seqs > self.config.max_num_seqs:
+                return
 
     def _try_schedule(
         self, group: SequenceGroup, budget: int, out: SchedulerOutput, hits: dict | None = None
@@ -236,6 +212,7 @@ class Scheduler:
                     and seq.num_output_tokens == 0:
                 entry.forks = [self._fork(group, entry) for _ in range(group.num_samples - 1)]
             entries.append(entry)
+        self.policy.on_planned(entries)
         return entries
 
     def _fork(self, group: SequenceGroup, entry: ScheduledSeq) -> Sequence:
@@ -252,13 +229,14 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         while self.waiting and budget > 0:
-            group = self.waiting[0]
+            # Fair: each admission charges its client, so the next is the minimum again.
+            group = self.waiting[0] if self.policy.fixed else min(self.waiting, key=self._key)
             if self.num_live_seqs() + len(group.live_seqs()) > self.config.max_num_seqs:
                 break
             entries = self._admit(group, budget, out)
             if entries is None:
                 if not self.running and not out.scheduled:
-                    self.waiting.pop(0)
+                    self.waiting.remove(group)
                     self._reject(group, out)
                     continue
                 out.waiting_for_blocks = True
@@ -349,11 +327,13 @@ class Scheduler:
             mode = PreemptionMode.RECOMPUTE  # no CPU room: recompute is always possible
         return mode
 
-    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput,
+                 mode: PreemptionMode | None = None) -> None:
         live = group.live_seqs()
         self.num_preemptions += 1
+        group.num_preemptions += 1
         out.preempted.append(group)
-        if self.preemption_mode(group) is PreemptionMode.SWAP:
+        if (mode or self.preemption_mode(group)) is PreemptionMode.SWAP:
             copies = self.block_manager.swap_out(live)
             out.blocks_to_swap_out.extend(copies)
             self.num_swapped_out_blocks += len(copies)

@@ -156,7 +156,11 @@ class SequenceGroup:
     seqs: list[Sequence]
     params: Any  # SamplingParams | BeamSearchParams; opaque to core/
     arrival_time: float = field(default_factory=time.monotonic)
-    priority: int = 0
+    priority: int = 0  # the priority policy: smaller = more important (vLLM's convention)
+    user: str | None = None  # the fair policy's client (the OpenAI `user` field)
+    # Set by the sjf policy when the request arrives (core/policy.py).
+    predicted_output_len: float | None = None
+    arrival_step: int = 0
     prompt: str | None = None
     max_tokens: int = 16  # resolved output budget (params.max_tokens or up to max_model_len)
     # Prompt logprobs need every prompt position computed, so such requests take no prefix hits.
@@ -165,6 +169,7 @@ class SequenceGroup:
     num_cached_tokens: int = 0
     # Parallel sampling (n > 1): sequences the scheduler forks when the first token is due.
     num_samples: int = 1
+    num_preemptions: int = 0  # times the scheduler preempted it (recompute or swap)
     data: Any = None  # engine-side state (metrics timestamps, beam bookkeeping)
     # Tenant isolation: prefix-cache blocks are shared only among requests with an equal salt
     # (None shares with None). Pass it to the constructor, which copies it onto the sequences
@@ -198,8 +203,3 @@ class SequenceGroup:
         """Finished, and every sampled token read back (async scheduling finishes a sequence
         by length when its last step is launched, before that token arrives)."""
         return self.is_finished and not self.has_placeholders()
-
-    def sort_key(self, policy: str) -> tuple:
-        if policy == "priority":
-            return (self.priority, self.arrival_time)
-        return (self.arrival_time,)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass
 
 from pagedllm.config import (
-    KV_ALLOCATORS, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+    KV_ALLOCATORS, KV_CACHE_DTYPES, CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
+    SchedulerConfig,
 )
+from pagedllm.logger import log_phase
+
+logger = logging.getLogger("pagedllm")
 
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "simulate")
 DEFAULT_SIM_PROFILE = "a100-40gb"  # the paper's GPU
@@ -34,8 +40,12 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     swap_space: float = 4.0
     cpu_kv_cache_gib: float | None = None
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8 | fp8_e5m2 | int8
     preemption_mode: str | None = None
-    scheduling_policy: str = "fcfs"
+    scheduling_policy: str = "fcfs"  # fcfs | priority | sjf | fair (core/policy.py)
+    length_predictor: str | None = None  # sjf: online (default) | oracle
+    sjf_aging_rate: float | None = None  # sjf: predicted tokens forgiven per step waited
+    fair_weights: tuple[float, float] | None = None  # fair: (prefill, decode) token weights
     load_format: str = "auto"
     device: str = "auto"
     tensor_parallel_size: int = 1
@@ -43,27 +53,39 @@ class EngineArgs:
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # None: on for CUDA, off for CPU
     cpu_threads: int | None = None  # None: see EngineConfig.cpu_threads
+    batch_invariant: bool | None = None  # None: see EngineConfig.batch_invariant
     kv_allocator: str = "paged"  # or the paper's baselines: orca-max | orca-pow2 | orca-oracle
     sim_profile: str | None = None  # load_format="simulate": None means DEFAULT_SIM_PROFILE
 
     def create_engine_config(self) -> EngineConfig:
         from pagedllm.loader import default_model_path, load_model_config
-        from pagedllm.loader.hub import resolve_model
+        from pagedllm.loader.hub import is_hub_id, resolve_model
 
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.load_format == "simulate" and self.kv_cache_dtype != "auto":
+            raise ValueError("load_format='simulate' prices the KV cache in the model dtype: "
+                             "kv_cache_dtype must be 'auto' there")
         if self.trust_remote_code:
             raise ValueError("trust_remote_code: pagedllm never runs code from a checkpoint; "
                              "its model classes are its own (see supported architectures). "
                              "Drop --trust-remote-code")
-        model = resolve_model(self.model, self.revision, self.download_dir) if self.model \
-            else default_model_path()
+        if self.model is None:
+            model = default_model_path()
+            logger.info("model: %s (the default; --model picks another)", model)
+        elif is_hub_id(self.model):  # the cache first, then maybe the network
+            with log_phase(logger, "resolving %s on the Hugging Face Hub", self.model):
+                model = resolve_model(self.model, self.revision, self.download_dir)
+        else:
+            model = resolve_model(self.model, self.revision, self.download_dir)
         load_format = self.load_format
         if load_format == "auto":
             load_format = "gguf" if model.endswith(".gguf") else "safetensors"
-        hf_config = load_model_config(model, load_format)
+        with log_phase(logger, "reading the model config of %s",
+                       os.path.basename(os.path.normpath(model))):
+            hf_config = load_model_config(model, load_format)
         simulate = load_format == "simulate"
         sim_profile = None
         device = self.device
@@ -111,11 +133,13 @@ class EngineArgs:
                 block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override, swap_space=self.swap_space,
                 enable_prefix_caching=prefix_caching, kv_allocator=self.kv_allocator,
-                **cache_kwargs),
+                cache_dtype=self.kv_cache_dtype, **cache_kwargs),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched,
                 max_model_len=max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
-                policy=self.scheduling_policy, preemption_mode=self.preemption_mode),
+                policy=self.scheduling_policy, preemption_mode=self.preemption_mode,
+                length_predictor=self.length_predictor, aging_rate=self.sjf_aging_rate,
+                fair_weights=tuple(self.fair_weights) if self.fair_weights else None),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,
                 distributed_executor_backend=self.distributed_executor_backend),
@@ -124,6 +148,7 @@ class EngineArgs:
             async_scheduling=(device == "cuda" if self.async_scheduling is None
                               else self.async_scheduling),
             cpu_threads=self.cpu_threads,
+            batch_invariant=self.batch_invariant,
             sim_profile=sim_profile,
         )
 
@@ -152,8 +177,9 @@ class EngineArgs:
         parser.add_argument("--max-num-batched-tokens", type=int, default=None)
         parser.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill",
                             action="store_false")
-        parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                            action="store_false", default=None)
+        parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                            default=None, help="share the KV blocks of common prompt prefixes "
+                            "(default: on, except with an Orca --kv-allocator)")
         parser.add_argument("--kv-allocator", default=d.kv_allocator, choices=KV_ALLOCATORS,
                             help="paged: PagedAttention blocks (default); orca-max / orca-pow2 "
                             "/ orca-oracle: the paper's baselines, one contiguous region per "
@@ -169,9 +195,26 @@ class EngineArgs:
                             default=d.gpu_memory_utilization)
         parser.add_argument("--swap-space", type=float, default=d.swap_space, help="GiB")
         parser.add_argument("--cpu-kv-cache-gib", type=float, default=None)
+        parser.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                            help="KV-cache element type: auto (the model dtype), fp8 "
+                            "(float8_e4m3fn), fp8_e5m2, or int8 (with per-token, per-head scales)")
         parser.add_argument("--preemption-mode", default=None, choices=("recompute", "swap"))
         parser.add_argument("--scheduling-policy", default=d.scheduling_policy,
-                            choices=("fcfs", "priority"))
+                            choices=("fcfs", "priority", "sjf", "fair"),
+                            help="admission and preemption order: fcfs; priority (the "
+                            "request's `priority`, smaller first, preempting larger); sjf "
+                            "(shortest predicted output first, with ageing); fair (per `user`, "
+                            "the least-served client first: virtual token counters)")
+        parser.add_argument("--length-predictor", default=None, choices=("online", "oracle"),
+                            help="sjf: online (mean output length of finished requests of "
+                            "similar prompt length; the default) or oracle (max_tokens)")
+        parser.add_argument("--sjf-aging-rate", type=float, default=None,
+                            help="sjf: predicted output tokens forgiven per step a request "
+                            "waits (default 0.5), so long requests do not starve")
+        parser.add_argument("--fair-weights", type=float, nargs=2, default=None,
+                            metavar=("PREFILL", "DECODE"),
+                            help="fair: the cost of a prompt token and of a generated token "
+                            "(default 1 2)")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         parser.add_argument("--distributed-executor-backend", default=None,
                             choices=("uni", "mp", "ray"),
@@ -185,6 +228,10 @@ class EngineArgs:
         parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                             default=None, help="plan the next step while the device runs this "
                             "one (default: on for CUDA)")
+        parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
+                            default=None, help="CPU: bitwise-identical logprobs for a request "
+                            "whatever batch, chunking, prefix cache or concurrency it runs in "
+                            "(default: on for CPU fp32 where this machine can honour it)")
         return parser
 
     @classmethod

@@ -195,6 +195,11 @@ class AsyncLLM:
                     len(self._streams), timeout_s)
         asyncio.get_running_loop().call_later(timeout_s, self._abort_open)
 
+    @property
+    def is_draining(self) -> bool:
+        """A graceful shutdown began (drain()): endless streams (the dashboard's) end now."""
+        return self._draining
+
     def _abort_open(self) -> None:
         if not self._streams:
             return
@@ -218,6 +223,10 @@ class AsyncLLM:
         """The core's block pool invariants hold (raises if not)."""
         return await self.client.call_utility_async("check_integrity")
 
+    async def get_kv_snapshot(self) -> dict:
+        """The core's block pools, queues and counters now (engine/kv_snapshot.py)."""
+        return await self.client.call_utility_async("kv_snapshot")
+
     async def get_core_metrics(self) -> dict:
         """The core's counters now (a round trip), not as of its last report."""
         return await self.client.call_utility_async("get_metrics")
@@ -226,7 +235,8 @@ class AsyncLLM:
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams, prompt: str | None = None,
                           arrival_time: float | None = None, priority: int = 0,
-                          cache_salt: str | None = None) -> RequestStream:
+                          cache_salt: str | None = None, user: str | None = None
+                          ) -> RequestStream:
         """Queue a request. Raises ValueError for bad input, QueueFullError, or
         EngineDeadError; in each case nothing is left queued (a caller cancelled while the
         core decides aborts the request)."""
@@ -234,10 +244,10 @@ class AsyncLLM:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = self.validator.make_request(request_id, prompt, params, prompt_token_ids,
-                                          priority, arrival_time, cache_salt)
+                                          priority, arrival_time, cache_salt, user)
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
-        self.output_processor.add_request(req, prompt)
+        self.output_processor.add_request(req, prompt, params)
         admitted = None
         if self._admission_control:
             admitted = self._admissions[request_id] = asyncio.get_running_loop().create_future()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -29,16 +30,21 @@ from pagedllm.engine.core_state import (
     store_prompt_logprobs,
 )
 from pagedllm.engine.isolation import StepIsolation
+from pagedllm.engine.kv_snapshot import build_kv_snapshot
 from pagedllm.engine.protocol import EngineCoreOutput, EngineCoreRequest
 from pagedllm.engine.structured_output import StructuredOutputManager, token_ids_bitmask
 from pagedllm.executor import create_executor
 from pagedllm.layers.sampler import SamplingMetadata, TokenLogprobs
 from pagedllm.loader import load_tokenizer
+from pagedllm.logger import STATS_LOGGER
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedllm")
+# Its own logger, so a terminal front end can keep it out of streamed text (pagedllm chat).
+stats_logger = logging.getLogger(STATS_LOGGER)
 
-_LOG_INTERVAL_S = 5.0
+# Seconds between two stats lines while busy (vLLM's VLLM_LOG_STATS_INTERVAL).
+_LOG_INTERVAL_S = float(os.environ.get("PAGEDLLM_LOG_STATS_INTERVAL_S", "5"))
 
 
 @dataclass(slots=True)
@@ -84,8 +90,8 @@ class EngineCore:
             config.model.hf_config.vocab_size)
         self._grammar_wait: dict[str, tuple[SequenceGroup, object]] = {}
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB per rank) on %s, %d CPU swap "
-            "blocks", num_blocks, cc.block_size, num_blocks * cc.block_size,
+            "KV cache (%s): %d blocks of %d tokens (%d tokens, %.2f GiB per rank) on %s, %d CPU "
+            "swap blocks", cc.cache_dtype, num_blocks, cc.block_size, num_blocks * cc.block_size,
             num_blocks * block_bytes / 2**30, config.device, num_cpu_blocks)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ class EngineCore:
         group = SequenceGroup(req.request_id, [seq], params, priority=req.priority,
                               max_tokens=max_tokens, data=RequestState(streams, beam=beam),
                               skip_prefix_cache=params.prompt_logprobs is not None,
-                              num_samples=params.n, cache_salt=req.cache_salt)
+                              num_samples=params.n, cache_salt=req.cache_salt, user=req.user)
         if req.arrival_time:
             group.arrival_time = req.arrival_time
         if params.prompt_logprobs is not None:
@@ -464,6 +470,10 @@ class EngineCore:
             **self.stats,
         }
 
+    def kv_snapshot(self) -> dict:
+        """The block pools, queues and counters now, for the dashboard (engine/kv_snapshot.py)."""
+        return build_kv_snapshot(self.scheduler, self.requests, self.get_metrics())
+
     def check_integrity(self) -> bool:
         """The block pool's invariants hold (raises AssertionError if not)."""
         self.block_manager.check_integrity()
@@ -481,7 +491,7 @@ class EngineCore:
         p, g = self.stats["prompt_tokens_total"], self.stats["generation_tokens_total"]
         self._last_log = (now, p, g)
         s = self.scheduler
-        logger.info(
+        stats_logger.info(
             "prompt throughput: %.1f tok/s, generation throughput: %.1f tok/s, running: %d, "
             "waiting: %d, swapped: %d, KV cache usage: %.1f%%", (p - p0) / (now - t0),
             (g - g0) / (now - t0), len(s.running), len(s.waiting), len(s.swapped),

@@ -26,6 +26,7 @@ from pagedllm.engine.protocol import (
     EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, MsgpackDecoder, MsgpackEncoder,
     RequestType,
 )
+from pagedllm.logger import configure_process_logging
 
 logger = logging.getLogger("pagedllm")
 
@@ -34,7 +35,7 @@ logger = logging.getLogger("pagedllm")
 HEARTBEAT_S = 1.0
 
 # What a frontend may call by name (utility requests); anything else is refused.
-_UTILITIES = frozenset({"get_metrics", "check_integrity"})
+_UTILITIES = frozenset({"get_metrics", "check_integrity", "kv_snapshot"})
 
 
 def die_with_parent() -> None:
@@ -153,8 +154,8 @@ def run_engine_core(config: EngineConfig, eos_token_ids: set[int], input_addr: s
         # core stops (SHUTDOWN, or SIGTERM from its shutdown path).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+        # The serving command's --log-level, through PAGEDLLM_LOGGING_LEVEL.
+        configure_process_logging(fmt="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     if config.device == "cpu" and config.cpu_threads is None:
         # The frontend (HTTP, detokenization) runs beside this loop and needs a core of its
         # own: OpenMP threads that wait for a time slice would stall every step.

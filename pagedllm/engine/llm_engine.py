@@ -87,11 +87,14 @@ class RequestValidator:
 
     def make_request(self, request_id: str, prompt: str | None, params, prompt_token_ids=None,
                      priority: int = 0, arrival_time: float | None = None,
-                     cache_salt: str | None = None) -> EngineCoreRequest:
+                     cache_salt: str | None = None, user: str | None = None
+                     ) -> EngineCoreRequest:
+        self.check_scheduling(priority, user)
         ids = self.prompt_ids(prompt, prompt_token_ids)
         sampling = beam = None
         if isinstance(params, SamplingParams):
-            sampling = self.check_sampling(params)
+            # best_of > n: the core samples best_of; the OutputProcessor keeps the n best.
+            sampling = self.check_sampling(params).core_params()
         elif isinstance(params, BeamSearchParams):
             beam = params
         else:
@@ -100,7 +103,22 @@ class RequestValidator:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt must be a non-empty string")
         return EngineCoreRequest(str(request_id), ids, sampling, beam,
-                                 arrival_time or time.monotonic(), priority, cache_salt)
+                                 arrival_time or time.monotonic(), priority, cache_salt, user)
+
+    def check_scheduling(self, priority, user) -> None:
+        """A priority only means something under the priority policy: elsewhere it is an error
+        (as vLLM's), not ignored. `user` is OpenAI's end-user id, accepted under any policy
+        (the fair one schedules by it)."""
+        if not isinstance(priority, int) or isinstance(priority, bool) \
+                or not -2**63 <= priority < 2**63:
+            raise ValueError(f"priority must be an int in int64's range, got {priority!r}")
+        policy = self.config.scheduler.policy
+        if priority != 0 and policy != "priority":
+            raise ValueError(f"got priority {priority} but the scheduling policy is {policy!r}; "
+                             "start the engine with scheduling_policy='priority' "
+                             "(--scheduling-policy priority)")
+        if user is not None and not isinstance(user, str):
+            raise ValueError(f"user must be a string, got {type(user).__name__}")
 
 
 class LLMEngine:
@@ -141,15 +159,18 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | None,
                     params: SamplingParams | BeamSearchParams,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
-                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+                    arrival_time: float | None = None, cache_salt: str | None = None,
+                    user: str | None = None) -> None:
         """Validate and queue a request. Bad input raises ValueError and changes nothing.
-        Requests with different `cache_salt` never share prefix-cache blocks."""
+        Requests with different `cache_salt` never share prefix-cache blocks. `priority` (the
+        priority policy: smaller runs first) and `user` (the fair policy's client) steer the
+        scheduler."""
         if request_id in self.output_processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = self.validator.make_request(request_id, prompt, params, prompt_token_ids,
-                                          priority, arrival_time, cache_salt)
+                                          priority, arrival_time, cache_salt, user)
         self.client.add_request(req)  # in process, the core's own checks raise here
-        self.output_processor.add_request(req, prompt)
+        self.output_processor.add_request(req, prompt, params)
 
     def add_beam_search_request(self, request_id: str, prompt: str | None,
                                 params: BeamSearchParams,

@@ -36,8 +36,9 @@ class RequestState:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams | None  # None for beam search
+    params: SamplingParams | None  # as the client sent them; None for beam search
     arrival_time: float
+    num_samples: int = 1  # what the core samples: n, or best_of (SamplingParams.core_params)
     seqs: dict[int, SeqOutput] = field(default_factory=dict)
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
@@ -57,10 +58,15 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
 
-    def add_request(self, req: EngineCoreRequest, prompt: str | None) -> None:
-        params = req.sampling_params
+    def add_request(self, req: EngineCoreRequest, prompt: str | None,
+                    params: SamplingParams | None = None) -> None:
+        """``params``: the client's, where the core runs others (best_of > n); by default the
+        request's own."""
+        core = req.sampling_params
+        params = params if core is not None and params is not None else core
         state = RequestState(req.request_id, prompt, req.prompt_token_ids, params,
-                             req.arrival_time or time.monotonic())
+                             req.arrival_time or time.monotonic(),
+                             num_samples=core.n if core is not None else 1)
         if params is not None and params.prompt_logprobs is not None:
             state.prompt_logprobs = [None]  # the first token has no logprob
         self.requests[req.request_id] = state
@@ -88,7 +94,7 @@ class OutputProcessor:
                 state.prompt_logprobs.extend(self._logprobs(lp) for lp in out.new_prompt_logprobs)
             state.num_cached_tokens = out.num_cached_tokens
             finished = out.finished or (
-                len(state.seqs) == state.params.n
+                len(state.seqs) == state.num_samples
                 and all(s.finish_reason is not None for s in state.seqs.values()))
             if finished:
                 del self.requests[out.request_id]
@@ -96,7 +102,9 @@ class OutputProcessor:
                     result.abort.append(out.request_id)  # stop strings ended every sequence
             else:
                 result.finish_seqs.extend((out.request_id, i) for i in stopped)
-            if finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY:
+            final_only = (state.params.output_kind == RequestOutputKind.FINAL_ONLY
+                          or state.params.picks_best_of)
+            if finished or not final_only:
                 result.request_outputs.append(self._make_output(state, finished))
         return result
 
@@ -151,6 +159,11 @@ class OutputProcessor:
 
     def _make_output(self, state: RequestState, finished: bool) -> RequestOutput:
         want_lp = state.params.logprobs is not None
+        seqs = [seq for _, seq in sorted(state.seqs.items())]
+        if state.params.picks_best_of:
+            # The n of best_of samples with the highest cumulative logprob, best first (vLLM
+            # v0's order); sorted() is stable, so a tie keeps the lower sample index first.
+            seqs = sorted(seqs, key=lambda seq: -seq.cumulative_logprob)[:state.params.n]
         outs = [
             CompletionOutput(
                 index=i, text=seq.detokenizer.output_text, token_ids=list(seq.token_ids),
@@ -158,7 +171,7 @@ class OutputProcessor:
                 logprobs=list(seq.logprobs) if want_lp else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                 delta_text=seq.detokenizer.get_delta(seq.finish_reason is not None))
-            for i, seq in sorted(state.seqs.items())
+            for i, seq in enumerate(seqs)
         ]
         return RequestOutput(
             request_id=state.request_id, prompt=state.prompt,

@@ -26,8 +26,9 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     sampling_params: SamplingParams | None = None
     beam_search_params: BeamSearchParams | None = None
     arrival_time: float = 0.0
-    priority: int = 0
+    priority: int = 0  # the priority policy: smaller = more important (vLLM's)
     cache_salt: str | None = None  # prefix-cache blocks are shared only under equal salts
+    user: str | None = None  # the client, for the fair policy (the OpenAI `user` field)
 
 
 class SeqDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

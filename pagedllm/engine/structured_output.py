@@ -28,8 +28,8 @@ from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger("pagedllm")
 
-__all__ = ["StructuredOutputManager", "bad_word_bans", "bad_words_token_ids", "grammar_text",
-           "ll_tokenizer", "token_ids_bitmask", "validate"]
+__all__ = ["StructuredOutputManager", "bad_word_bans", "bad_words_token_ids", "closed_objects",
+           "grammar_text", "ll_tokenizer", "token_ids_bitmask", "validate"]
 
 
 def _llguidance():
@@ -47,12 +47,54 @@ def grammar_text(so: StructuredOutputsParams) -> str:
     if so.kind == "json_object":
         value = '{"type": "object"}'
     if so.kind in ("json", "json_object"):
-        # A canonical key: equal schemas written in a different key order share one entry.
-        value = json.dumps(json.loads(value) if isinstance(value, str) else value,
-                           sort_keys=True)
+        schema = json.loads(value) if isinstance(value, str) else value
+        # NOTE: not sort_keys: llguidance writes properties in the schema's order (a pydantic
+        # model's field order); closed_objects sorts the keywords alone.
+        value = json.dumps(closed_objects(schema))
     elif so.kind == "choice":
         value = json.dumps(value)
     return _grammar_text(so.kind, value, so.disable_any_whitespace)
+
+
+# Keywords whose value is one subschema, a list of them, or a name -> subschema map; every
+# other keyword's value is data (const, enum, default, ...) or a number, and is left alone.
+_ONE_SCHEMA = ("items", "additionalProperties", "additionalItems", "unevaluatedItems",
+               "contains", "propertyNames", "not", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_OPEN_KEYS = {"additionalProperties", "patternProperties", "unevaluatedProperties"}
+
+
+def closed_objects(schema, close: bool = True):
+    """The schema with `additionalProperties: false` on every object that lists `properties`
+    and says nothing about others: output holds only the declared keys.
+
+    JSON Schema admits undeclared keys by default, and a model under a grammar may then write
+    keys (and text) without end. vLLM's default grammar engine (xgrammar, strict mode) admits
+    only declared keys, and clients rely on it: litellm's `hosted_vllm/` provider strips
+    `additionalProperties` from every tool, and pydantic's schemas never set it. The output is
+    still valid under the schema as written (a subset of what it admits). Members of `allOf`
+    are not closed alone: each would forbid the others' keys.
+    """
+    if isinstance(schema, list):
+        return [closed_objects(s, close) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    # Keywords sorted (one cache entry for equal schemas); properties keep their order.
+    for key, value in sorted(schema.items()):
+        if key in _ONE_SCHEMA:
+            out[key] = closed_objects(value)
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [closed_objects(s, key != "allOf") for s in value]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_objects(s) for name, s in value.items()}
+        else:
+            out[key] = value
+    if close and "properties" in out and "allOf" not in out and not _OPEN_KEYS & out.keys():
+        out["additionalProperties"] = False
+        out = dict(sorted(out.items()))
+    return out
 
 
 @lru_cache(maxsize=256)
@@ -122,8 +164,8 @@ def bad_words_token_ids(tokenizer, bad_words: list[str]) -> list[list[int]]:
 def ll_tokenizer(hf_tokenizer):
     """llguidance's view of a fast HF tokenizer: the bytes of every token (its trie).
 
-    NOTE: transformers' GGUF converter gives byte-level BPE vocabularies (SmolLM2, Qwen, GPT-2)
-    the decoder chain [ByteFallback, Fuse, Replace, ByteLevel]; llguidance reads the chain as a
+    NOTE: some tokenizers (transformers' GGUF converter's, for SmolLM2, Qwen, GPT-2) give
+    byte-level BPE vocabularies the decoder chain [ByteFallback, Fuse, Replace, ByteLevel]; llguidance reads the chain as a
     SentencePiece vocabulary and maps byte tokens to the wrong bytes ('ą' -> b'\xc4\x85'
     instead of b'\x05'), so grammars would admit raw control characters in JSON strings. A
     byte-level pre-tokenizer means the ByteLevel decoder alone is the truth: use it.
@@ -150,6 +192,7 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size  # the logits' width (the model's vocabulary)
         self._ll_tokenizer = None
         self._pool: ThreadPoolExecutor | None = None
+        self._executor = None  # llguidance.LLExecutor: masks of a step's rows in parallel
 
     def set_tokenizer(self, tokenizer) -> None:
         """Reuse a tokenizer the caller already holds (offline LLM: saves loading it again)."""
@@ -175,26 +218,43 @@ class StructuredOutputManager:
     def token_bitmask(self, matchers: list, allowed: list[torch.Tensor | None]) -> torch.Tensor:
         """[M, ceil(V / 32)] int32 for M constrained rows: row k's matcher mask (all ones when
         it has none) ANDed with its allowed_token_ids mask (when it has one)."""
-        mask = torch.full((len(matchers), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
-        with_matcher = [k for k, m in enumerate(matchers) if m is not None]
-        if with_matcher:
-            mask[with_matcher] = self.fill_bitmask([matchers[k] for k in with_matcher])
+        num_words = (self.vocab_size + 31) // 32
+        mask = torch.full((len(matchers), num_words), -1, dtype=torch.int32)
+        with_matcher = [(m, k) for k, m in enumerate(matchers) if m is not None]
+        if with_matcher and self._ll_words() == num_words:
+            # The usual case: the matchers write their rows of the final mask themselves.
+            self._compute_masks(with_matcher, mask)
+        elif with_matcher:
+            rows = [k for _, k in with_matcher]
+            mask[rows] = self.fill_bitmask([m for m, _ in with_matcher])
         for k, words in enumerate(allowed):
             if words is not None:
                 mask[k] &= words
         return mask
 
+    def _ll_words(self) -> int:
+        return (self._ll_tokenizer.vocab_size + 31) // 32
+
+    def _compute_masks(self, matchers: list[tuple[object, int]], mask: torch.Tensor) -> None:
+        """Matcher m writes row k of ``mask`` ([B, ll_words] int32, contiguous), for each
+        (m, k). llguidance's executor computes the rows in parallel, outside the GIL, on as
+        many threads as torch runs (the model is idle meanwhile: these steps are synchronous).
+        NOTE: llguidance.torch's helper does exactly this, but importing it runs a
+        torch.compile decorator (seconds of torch._dynamo import inside the step loop)."""
+        assert mask.dtype == torch.int32 and mask.is_contiguous() and not mask.is_cuda
+        assert mask.shape[1] == self._ll_words()
+        if self._executor is None:
+            self._executor = _llguidance().LLExecutor(max(1, torch.get_num_threads()))
+        self._executor.unsafe_compute_mask_ptr(matchers, mask.data_ptr(), mask.shape[1] * 4,
+                                               mask.shape[0])
+
     def fill_bitmask(self, matchers: list) -> torch.Tensor:
         """[len(matchers), ceil(V / 32)] int32: each matcher's allowed next tokens. Ids past the
         tokenizer's vocabulary (padding rows of the embedding) are never allowed."""
         num_words = (self.vocab_size + 31) // 32
-        ll_words = (self._ll_tokenizer.vocab_size + 31) // 32
+        ll_words = self._ll_words()
         mask = torch.zeros(len(matchers), ll_words, dtype=torch.int32)
-        # NOTE: llguidance.torch's helper does exactly this, but importing it runs a
-        # torch.compile decorator (seconds of torch._dynamo import inside the step loop).
-        row_bytes = ll_words * 4
-        for i, matcher in enumerate(matchers):
-            matcher.unsafe_compute_mask_ptr(mask.data_ptr() + i * row_bytes, row_bytes)
+        self._compute_masks([(m, i) for i, m in enumerate(matchers)], mask)
         if ll_words == num_words:
             return mask
         out = torch.zeros(len(matchers), num_words, dtype=torch.int32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Sequence as SequenceABC
 from typing import Any
@@ -12,10 +13,13 @@ from tqdm.auto import tqdm
 
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.logger import configure_logging
 from pagedllm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 PromptType = str | dict[str, Any]
+
+logger = logging.getLogger("pagedllm")
 
 
 class LLM:
@@ -30,8 +34,11 @@ class LLM:
         """engine_core: "inproc" (the core steps in this thread; fastest offline on a CPU,
         measured in benchmarks/frontend_overhead.py), "process" (its own process, as
         `pagedllm serve` runs it) or "thread" (behind ZeroMQ in a thread)."""
+        configure_logging()  # start-up says what it is doing (PAGEDLLM_CONFIGURE_LOGGING=0: not)
+        started = time.perf_counter()
         self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs),
                                                      engine_core)
+        logger.info("LLM ready in %.1f s", time.perf_counter() - started)
         self._counter = itertools.count()
 
     def shutdown(self) -> None:
@@ -56,8 +63,14 @@ class LLM:
         prompts: PromptType | SequenceABC[PromptType],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: int | SequenceABC[int] | None = None,
+        user: str | SequenceABC[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts.
+
+        `priority` (one for all prompts, or one per prompt; needs scheduling_policy=
+        "priority"; smaller runs first, as vLLM's) and `user` (the client each prompt counts
+        for under scheduling_policy="fair") steer the scheduler.
 
         A prompt is a string or {"prompt_token_ids": [...]} (either may add "cache_salt": a
         prompt shares prefix-cache blocks only with prompts of the same salt). If any prompt is invalid, a
@@ -73,6 +86,8 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} "
                              "prompts; pass one, or one per prompt")
+        priority = self._per_prompt("priority", priority, 0, len(prompts), int)
+        user = self._per_prompt("user", user, None, len(prompts), str)
         engine = self.llm_engine
         ids = []
         # Offline runs read only the finished outputs: the engine then builds no per-step ones.
@@ -81,11 +96,12 @@ class LLM:
             else dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
             for p in sampling_params]
         try:
-            for prompt, params in zip(prompts, sampling_params):
+            for prompt, params, prio, client in zip(prompts, sampling_params, priority, user):
                 text, token_ids = self._parse_prompt(prompt)
                 request_id = str(next(self._counter))
                 salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-                engine.add_request(request_id, text, params, token_ids, cache_salt=salt)
+                engine.add_request(request_id, text, params, token_ids, priority=prio,
+                                   cache_salt=salt, user=client)
                 ids.append(request_id)
         except Exception:
             for request_id in ids:  # all or nothing: a bad prompt queues nothing
@@ -128,12 +144,15 @@ class LLM:
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        priority: int | SequenceABC[int] | None = None,
+        user: str | SequenceABC[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them (the tokenizer's template)."""
+        """Generate replies to one conversation or a list of them (the tokenizer's template);
+        `priority` and `user` as in generate()."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": self.encode_chat(c, add_generation_prompt)}
                    for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, priority, user)
 
     def encode_chat(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode_chat_with(self.get_tokenizer(), conversation, add_generation_prompt)
@@ -153,6 +172,22 @@ class LLM:
 
     def get_metrics(self) -> dict:
         return self.llm_engine.get_metrics()
+
+    @staticmethod
+    def _per_prompt(name: str, value, default, num_prompts: int, kind: type) -> list:
+        """One value per prompt from None, a single value or a list of them."""
+        if value is None:
+            return [default] * num_prompts
+        if isinstance(value, kind):
+            return [value] * num_prompts
+        if not isinstance(value, SequenceABC) or isinstance(value, str):
+            raise ValueError(f"{name} must be a {kind.__name__} or a list of them, "
+                             f"got {type(value).__name__}")
+        value = list(value)
+        if len(value) != num_prompts:
+            raise ValueError(f"got {len(value)} {name} values for {num_prompts} prompts; pass "
+                             "one, or one per prompt")
+        return value
 
     @staticmethod
     def _parse_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:

@@ -1,5 +1,6 @@
 """PagedAttention layer: write this step's K/V into the paged cache, then attend through the
 block tables (decode-only batches take the decode kernel, anything else the prefill kernel).
+A quantized cache (fp8, int8 + scales) is quantized by the write and de-quantized by the kernels.
 
 sliding_window W: a query at position p sees only keys p - W < k <= p (Mistral, Gemma 3's local
 layers; HF's convention). When every layer of a model slides, the block manager frees blocks
@@ -26,16 +27,24 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the cache engine.
         self.kv_cache: torch.Tensor | None = None
+        # [2, num_blocks, block_size, num_kv_heads] fp32: an int8 cache's scales, else None.
+        self.kv_scales: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, Hq, D]; k, v: [T, Hkv, D]
         meta = get_attention_metadata()
         key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
-        backend.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        key_scales = value_scales = None
+        if self.kv_scales is not None:
+            key_scales, value_scales = self.kv_scales[0], self.kv_scales[1]
+        backend.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping, key_scales,
+                                  value_scales)
         if meta.is_decode_only:
             return backend.paged_decode_attention(
                 q, key_cache, value_cache, meta.block_tables, meta.seq_lens, self.scale,
-                max_seq_len=meta.max_seq_len, sliding_window=self.sliding_window)
+                max_seq_len=meta.max_seq_len, sliding_window=self.sliding_window,
+                key_scales=key_scales, value_scales=value_scales)
         return backend.paged_prefill_attention(
             q, key_cache, value_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            self.scale, max_seq_len=meta.max_seq_len, sliding_window=self.sliding_window)
+            self.scale, max_seq_len=meta.max_seq_len, sliding_window=self.sliding_window,
+            key_scales=key_scales, value_scales=value_scales)

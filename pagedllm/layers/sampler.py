@@ -71,7 +71,7 @@ class SamplingMetadata:
     bias_rows: torch.Tensor | None = None  # [K] i64 } logits[bias_rows, bias_token_ids]
     bias_token_ids: torch.Tensor | None = None  # [K] i64 }   += bias_values
     bias_values: torch.Tensor | None = None  # [K] f32 }
-    bitmask_rows: torch.Tensor | None = None  # [M] i64 rows whose allowed tokens are a bitmask
+    bitmask_rows: torch.Tensor | None = None  # [M] i64 rows under token_bitmask; None: all
     token_bitmask: torch.Tensor | None = None  # [M, ceil(V/32)] i32; bit t%32 of word t//32
 
     @classmethod
@@ -138,7 +138,9 @@ class SamplingMetadata:
             bias_values = f32([b for _, _, b in biased])
         bitmask_rows = bitmask = None
         if token_bitmask is not None:
-            bitmask_rows = to_device(token_bitmask[0], torch.int64, device)
+            # None: every row, in order (a batch of constrained requests): no gather/scatter.
+            if list(token_bitmask[0]) != list(range(n)):
+                bitmask_rows = to_device(token_bitmask[0], torch.int64, device)
             bitmask = token_bitmask[1].to(device)
 
         num_logprobs = [p.logprobs for p in params]
@@ -193,13 +195,12 @@ class Sampler(nn.Module):
             # vLLM v1's default: logprobs describe the model, not the sampling transforms.
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
-        if meta.bias_rows is not None or meta.bitmask_rows is not None:
+        if meta.bias_rows is not None:
             logits = logits.clone()
-            if meta.bias_rows is not None:
-                logits.index_put_((meta.bias_rows, meta.bias_token_ids), meta.bias_values,
-                                  accumulate=True)
-            if meta.bitmask_rows is not None:
-                apply_token_bitmask(logits, meta.bitmask_rows, meta.token_bitmask)
+            logits.index_put_((meta.bias_rows, meta.bias_token_ids), meta.bias_values,
+                              accumulate=True)
+        if meta.token_bitmask is not None:  # a new tensor: the model's logits stay as they are
+            logits = apply_token_bitmask(logits, meta.bitmask_rows, meta.token_bitmask)
         if meta.banned_rows is not None or meta.penalty_rows is not None:
             logits = apply_penalties(logits.clone(), meta)
 
@@ -251,18 +252,27 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     return logits
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor
                         ) -> torch.Tensor:
-    """IN PLACE: ``logits[rows[i], t] = -inf`` unless bit ``t % 32`` of ``bitmask[i, t // 32]``
-    is set (llguidance's and xgrammar's layout). Token ids past the mask are disallowed. The
-    torch path on every device: one unpack and one masked write, no per-row loop."""
-    vocab_size = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    # NOTE: >> on int32 is arithmetic (a negative word shifts in ones), but & 1 keeps only bit 0.
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)
-    if allowed.shape[1] < vocab_size:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
-    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab_size], float("-inf"))
+    """A copy of ``logits`` with ``[rows[i], t] = -inf`` unless bit ``t % 32`` of
+    ``bitmask[i, t // 32]`` is set (llguidance's and xgrammar's layout); ``rows`` None means
+    every row in order. Token ids past the mask are disallowed. The torch path on every
+    device: one unpack and one masked write, no per-row loop."""
+    num_rows, vocab_size = logits.shape
+    # NOTE: the int32 words read as bytes, low byte first (every device torch runs on is
+    # little-endian): byte j of word w holds tokens 32w + 8j .. 32w + 8j + 7, bit b token + b.
+    # Unpacking bytes moves a quarter of the data that shifting int32 words would.
+    words = bitmask.contiguous().view(torch.uint8)
+    bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=bitmask.device)
+    banned = ((words.unsqueeze(-1) & bits) == 0).reshape(bitmask.shape[0], -1)
+    if banned.shape[1] < vocab_size:
+        banned = torch.nn.functional.pad(banned, (0, vocab_size - banned.shape[1]), value=True)
+    banned = banned[:, :vocab_size]
+    if rows is None:  # every row: one pass, no gather or scatter
+        assert banned.shape[0] == num_rows, (banned.shape, num_rows)
+        return logits.masked_fill(banned, float("-inf"))
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(banned, float("-inf"))
     return logits
 
 

@@ -15,6 +15,7 @@ so a model's per-parameter `weight_loader` can copy or shard each and let it go.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Iterator
 from glob import glob
@@ -23,6 +24,9 @@ import torch
 
 from pagedllm.loader.dummy import initialize_dummy_weights
 from pagedllm.loader.safetensors import iter_safetensors_weights, safetensors_files
+from pagedllm.logger import log_phase
+
+logger = logging.getLogger("pagedllm")
 
 __all__ = [
     "LOAD_FORMATS",
@@ -93,14 +97,19 @@ def iter_weights(model: str, load_format: str, config) -> Iterator[tuple[str, to
 def load_tokenizer(model: str, load_format: str = "auto"):
     """A fast `transformers` tokenizer, with the chat template and special tokens set."""
     path, _ = _resolve(model, load_format)
-    if path.endswith(".gguf"):
-        from pagedllm.loader.gguf import read_gguf
-        from pagedllm.loader.gguf_tokenizer import gguf_tokenizer
+    with log_phase(logger, "loading the tokenizer of %s", _name(path)):
+        if path.endswith(".gguf"):
+            from pagedllm.loader.gguf import read_gguf
+            from pagedllm.loader.gguf_tokenizer import gguf_tokenizer
 
-        return gguf_tokenizer(read_gguf(path))
-    from transformers import AutoTokenizer
+            return gguf_tokenizer(read_gguf(path))
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
+
+
+def _name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
 
 
 def _resolve(model: str, load_format: str) -> tuple[str, str | None]:

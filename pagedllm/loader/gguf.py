@@ -22,6 +22,7 @@ import mmap
 import os
 import re
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+from pagedllm.loader.gguf_quants import dequantize_fast
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +273,11 @@ def iter_gguf_weights(gguf: GGUFFile, config) -> Iterator[tuple[str, torch.Tenso
     # NOTE: asarray drops the np.memmap subclass (same buffer): its per-view bookkeeping made
     # gguf's block-wise de-quantization ~1.6x slower.
     blob = np.asarray(np.memmap(gguf.path, dtype=np.uint8, mode="r"))
+    quantized = Counter(i.ggml_type.name for i in gguf.tensors.values()
+                        if i.ggml_type not in _PLAIN_DTYPES)
+    if quantized:
+        logger.info("de-quantizing %d GGUF tensors to float32 (%s)", sum(quantized.values()),
+                    ", ".join(f"{n} {kind}" for kind, n in quantized.most_common()))
     for info in gguf.tensors.values():
         name = _hf_name(info.name, gguf.arch)
         if name is None:
@@ -311,6 +319,9 @@ def _load_tensor(blob: np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
         data = torch.from_numpy(np.array(raw))
         return data.view(_PLAIN_DTYPES[info.ggml_type]).reshape(info.shape)
     # Block types: rows of packed blocks in, rows of float32 values out.
+    fast = dequantize_fast(raw, info.ggml_type, info.shape)
+    if fast is not None:
+        return torch.from_numpy(fast)
     rows = raw.reshape(quant_shape_to_byte_shape(info.shape, info.ggml_type))
     return torch.from_numpy(dequantize(rows, info.ggml_type))
 

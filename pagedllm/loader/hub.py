@@ -34,7 +34,9 @@ def resolve_model(model: str, revision: str | None = None,
         return model
     if not _REPO_ID.match(model):
         raise FileNotFoundError(f"model {model!r} is neither a file or directory here nor a "
-                                "Hugging Face Hub id (ORG/NAME)")
+                                "Hugging Face Hub id (ORG/NAME): pass a .gguf file, a model "
+                                "directory (config.json and *.safetensors) or ORG/NAME, or no "
+                                "model for the default SmolLM2-135M-Instruct")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -4,9 +4,15 @@ Each op dispatches on the device of its tensors: the Triton kernels for CUDA ten
 triton imports), the PyTorch twins in torch_ref otherwise. PAGEDLLM_ATTENTION_BACKEND=torch|triton
 forces one side (read once, at import; `triton` on CPU tensors needs TRITON_INTERPRET=1).
 
+Quantized KV caches (fp8, int8 + scales; see torch_ref) go through the same doors: key_scales /
+value_scales are None except for int8 caches. The C++ kernel declines them (its supports()).
+
 Decode on CPU tensors (fp32, bf16) takes the C++ kernel of ops/cpu_kernels.py when no backend is
 forced and it builds (PAGEDLLM_CPU_KERNELS=0 turns it off); `torch` still means the pure-PyTorch
 twins everywhere, so the twin stays one variable away.
+
+In batch-invariant mode (ops/batch_invariant.py) CPU prefill takes the C++ kernel too, row by
+row, so prompts, chunks and decode share one reduction order.
 
 Dispatch is a couple of attribute reads per call: it runs every layer of every step, and inside
 CUDA-graph capture, so it never looks at tensor contents.
@@ -18,7 +24,7 @@ import os
 
 import torch
 
-from pagedllm.ops import cpu_kernels, torch_ref
+from pagedllm.ops import batch_invariant, cpu_kernels, torch_ref
 
 _BACKENDS = ("torch", "triton")
 _OVERRIDE = os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "").strip().lower() or None
@@ -48,6 +54,11 @@ def _use_triton(device: torch.device) -> bool:
     return device.type == "cuda" and _TRITON_IMPORT_ERROR is None
 
 
+def forced_backend() -> str | None:
+    """PAGEDLLM_ATTENTION_BACKEND, or None when dispatch follows the device."""
+    return _OVERRIDE
+
+
 def get_backend_name(device: torch.device | str) -> str:
     """'triton' or 'torch': which implementation ops on `device` run."""
     return "triton" if _use_triton(torch.device(device)) else "torch"
@@ -62,6 +73,8 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int | None = None,
     sliding_window: int | None = None,
+    key_scales: torch.Tensor | None = None,  # [N, B, Hkv] fp32: int8 caches only
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [S, Hq, D]
     """See torch_ref.paged_decode_attention. max_seq_len: max(seq_lens) or an upper bound, if
     known. The Triton kernel uses it only to pick its split count and, given None, derives one
@@ -69,12 +82,14 @@ def paged_decode_attention(
     sliding_window: None, or the window W (a key at distance >= W from the query is hidden)."""
     if _use_triton(query.device):
         impl = _triton_decode.paged_decode_attention
-    elif _OVERRIDE is None and cpu_kernels.supports(query, key_cache):
-        impl = cpu_kernels.paged_decode_attention
+    elif _OVERRIDE is None and key_scales is None and cpu_kernels.supports(query, key_cache):
+        return cpu_kernels.paged_decode_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len,
+            sliding_window)
     else:
         impl = torch_ref.paged_decode_attention
     return impl(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len,
-                sliding_window)
+                sliding_window, key_scales, value_scales)
 
 
 def paged_prefill_attention(
@@ -87,15 +102,21 @@ def paged_prefill_attention(
     scale: float,
     max_seq_len: int | None = None,
     sliding_window: int | None = None,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]
     """See torch_ref.paged_prefill_attention (max_seq_len is accepted and unused)."""
     if _use_triton(query.device):
         impl = _triton_prefill.paged_prefill_attention
+    elif batch_invariant.enabled:  # every row through the decode kernel (batch_invariant.py)
+        return cpu_kernels.paged_prefill_attention(
+            query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale,
+            max_seq_len, sliding_window)
     else:
         impl = torch_ref.paged_prefill_attention
     return impl(
         query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, max_seq_len,
-        sliding_window,
+        sliding_window, key_scales, value_scales,
     )
 
 
@@ -105,17 +126,28 @@ def reshape_and_cache(
     key_cache: torch.Tensor,  # [N, B, Hkv, D]
     value_cache: torch.Tensor,  # [N, B, Hkv, D]
     slot_mapping: torch.Tensor,  # [T]
+    key_scales: torch.Tensor | None = None,  # [N, B, Hkv] fp32: int8 caches only
+    value_scales: torch.Tensor | None = None,
 ) -> None:
-    """See torch_ref.reshape_and_cache."""
-    if _use_triton(key.device):
-        _triton_cache_ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
-    else:
-        torch_ref.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    """See torch_ref.reshape_and_cache (quantizes to the cache's dtype)."""
+    impl = _triton_cache_ops if _use_triton(key.device) else torch_ref
+    impl.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, key_scales,
+                           value_scales)
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
-    """See torch_ref.copy_blocks. kv_caches: per-layer [2, N, B, Hkv, D]."""
+    """See torch_ref.copy_blocks. kv_caches: per-layer [2, N, B, Hkv, D] (or int8 scales
+    [2, N, B, Hkv]: any per-layer tensors whose dim 1 is the block)."""
     if kv_caches and _use_triton(kv_caches[0].device):
         _triton_cache_ops.copy_blocks(kv_caches, block_mapping)
     else:
         torch_ref.copy_blocks(kv_caches, block_mapping)
+
+
+def prepare(device: torch.device, dtype: torch.dtype, kv_cache_dtype: torch.dtype) -> None:
+    """Build what decode on `device` will call, at start-up rather than in the first request's
+    step: on a CPU, the C++ kernel (compiled once per machine, a few seconds; later processes
+    load the cached build). A build that fails only logs its warning, as it would later."""
+    if device.type == "cpu" and not _use_triton(device) and _OVERRIDE is None \
+            and dtype in (torch.float32, torch.bfloat16) and kv_cache_dtype == dtype:
+        cpu_kernels.load()

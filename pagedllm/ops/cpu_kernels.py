@@ -8,6 +8,9 @@ block, and runs one task per sequence (or per sequence and KV head, for small ba
 torch's intra-op threads. Arithmetic is fp32 (bf16 caches are widened on load); it matches the
 twin to ~1e-6 in fp32 (tests/ops/test_cpu_kernels.py).
 
+`paged_prefill_attention` runs prompt and chunk rows through the same kernel, each row a one-token
+query over its own context: batch-invariant mode's one attention path (ops/batch_invariant.py).
+
 It is JIT-compiled with torch.utils.cpp_extension on first use (a few seconds; cached in torch's
 extensions directory, so later processes only load it) and called through ctypes (the C++ file
 says why). If it cannot be built or loaded, for any reason, one warning is logged and the twin
@@ -63,6 +66,9 @@ def load() -> bool:
         path = str(built) if built.exists() else None
         if path is None:
             _put_ninja_on_path()
+            logger.info("building the C++ CPU attention kernel (once per machine; cached in "
+                        "%s) ...", build)
+            start = time.perf_counter()
             path = load_extension(
                 name="pagedllm_cpu_kernels",
                 sources=[str(_SOURCE)],
@@ -73,6 +79,8 @@ def load() -> bool:
                 is_python_module=False,
                 verbose=False,
             )
+            logger.info("built the C++ CPU attention kernel in %.1f s",
+                        time.perf_counter() - start)
         lib = ctypes.CDLL(path)
         lib.pagedllm_paged_decode_attention.argtypes = _ARGTYPES
         lib.pagedllm_paged_decode_attention.restype = _i32
@@ -167,3 +175,36 @@ def paged_decode_attention(
     if bad_block:
         raise IndexError("a block table entry of a used block is out of range")
     return out
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [T, Hq, D], concatenated query chunks
+    key_cache: torch.Tensor,  # [N, B, Hkv, D]
+    value_cache: torch.Tensor,  # [N, B, Hkv, D]
+    block_tables: torch.Tensor,  # [S, M]
+    query_start_loc: torch.Tensor,  # [S + 1]
+    seq_lens: torch.Tensor,  # [S]
+    scale: float,
+    max_seq_len: int | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [T, Hq, D]
+    """torch_ref.paged_prefill_attention through the decode kernel: each query row is a
+    one-token query over its own context, so a row of a prompt, of a chunk over cached blocks
+    and of a decode step runs the same routine (batch-invariant mode, ops/batch_invariant.py).
+
+    Row t of sequence s (its chunk is rows [start[s], end[s])) sits at absolute position
+    seq_lens[s] - (end[s] - t), so its context is the first seq_lens[s] - end[s] + t + 1 tokens.
+    It reads its K/V once per row instead of once per chunk: O(q_len * context) reads, which
+    for prompts of a few hundred tokens stay in the L2 cache."""
+    starts = query_start_loc.to(torch.int64)
+    num_tokens = int(starts[-1])  # rows past it are padding (a CUDA-graph bucket): left as is
+    q_lens = starts[1:] - starts[:-1]  # [S]
+    seq_of_row = torch.repeat_interleave(torch.arange(q_lens.shape[0]), q_lens)  # [T]
+    row_lens = (seq_lens.to(torch.int64)[seq_of_row] - starts[1:][seq_of_row]
+                + torch.arange(num_tokens) + 1)
+    out = paged_decode_attention(query[:num_tokens], key_cache, value_cache,
+                                 block_tables[seq_of_row], row_lens.to(torch.int32), scale,
+                                 max_seq_len, sliding_window)
+    if num_tokens == query.shape[0]:
+        return out
+    return torch.cat([out, torch.zeros_like(query[num_tokens:])])

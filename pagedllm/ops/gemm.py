@@ -11,7 +11,9 @@ matmul has a faster kernel on its device.
   PAGEDLLM_SKINNY_GEMM=0 (or `set_skinny_enabled(False)`) keeps cuBLAS.
 
 Large-M matmuls (prefill) keep F.linear everywhere: they are compute-bound, and on CPU that is
-what HF transformers runs, bit for bit.
+what HF transformers runs, bit for bit. Except in batch-invariant mode (ops/batch_invariant.py):
+there every M takes the packed path, whose per-row reduction order does not depend on M, and a
+single row goes in as a pair (oneDNN's one-row GEMV reduces in another order).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from pagedllm.ops import batch_invariant
 
 try:
     from pagedllm.ops.triton import skinny_gemm as _skinny
@@ -48,10 +52,58 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def _invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      packed: torch.Tensor | None) -> torch.Tensor:
+    """Batch-invariant mode: each row reduced in one order, whatever M is."""
+    if packed is None:
+        raise RuntimeError(f"batch-invariant mode needs every CPU weight pre-packed; a "
+                           f"{tuple(weight.shape)} {weight.dtype} weight is not (is "
+                           "PAGEDLLM_CPU_PACKED_GEMM=0 set?)")
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    if x.shape[0] == 1:  # NOTE: as a pair: one row alone takes oneDNN's GEMV, another order
+        return _packed_linear(x.expand(2, -1), packed, bias)[:1].reshape(*shape[:-1], -1)
+    return _packed_linear(x, packed, bias).reshape(*shape[:-1], -1)
+
+
+def check_row_invariant(sizes: tuple[int, ...] = (576, 1536, 2048),
+                        rows: tuple[int, ...] = (1, 2, 3, 17, 300, 513)) -> None:
+    """Probe, on this machine's oneDNN, that the packed path of `_invariant_linear` gives every
+    row the same bits for every M (and 1 vs 2 threads); raise if it does not. A few ms."""
+    if prepack(torch.ones(8, 8)) is None:
+        raise RuntimeError("batch-invariant mode needs oneDNN's packed fp32 GEMM, which is "
+                           "unavailable here (PAGEDLLM_CPU_PACKED_GEMM=0, or no mkldnn)")
+    gen = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    try:
+        for k in sizes:
+            weight = torch.randn(96, k, generator=gen)
+            packed = prepack(weight)
+            x = torch.randn(max(rows), k, generator=gen)
+            full = _invariant_linear(x, weight, None, packed)
+            for m in rows:
+                torch.set_num_threads(1 if m % 2 else threads)
+                alone = _invariant_linear(x[m - 1:m], weight, None, packed)  # the last row
+                batch = _invariant_linear(x[:m], weight, None, packed)
+                if not (torch.equal(alone[0], full[m - 1]) and torch.equal(batch, full[:m])):
+                    raise RuntimeError(
+                        f"this machine's oneDNN GEMM is not row-invariant (K={k}, M={m}): "
+                        "batch-invariant mode cannot be honoured here")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: torch.Tensor | None) -> torch.Tensor:
+    if batch_invariant.enabled and x.device.type == "cpu":
+        return _invariant_linear(x, weight, bias, packed)
     if packed is not None and x.shape[0] <= SMALL_M and x.dim() == 2:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+        return _packed_linear(x, packed, bias)
     if _skinny_enabled and _skinny.supports(x, weight, bias):  # CUDA tensors only
         return _skinny.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -12,12 +12,56 @@ Layouts (shared with ops/triton/*, same signatures):
 
 The new tokens' K/V are written into the cache before attention runs (write, then attend), so
 attention only ever reads K/V from the paged cache.
+
+Quantized caches (--kv-cache-dtype; the write quantizes, attention de-quantizes):
+  float8 (e4m3fn, e5m2): the value itself, saturated to the format's range (scale 1.0: a float
+                  format's relative error does not depend on a scale, only its range does).
+  int8:           symmetric, one fp32 scale per (token, KV head) in key_scales / value_scales
+                  [num_blocks, block_size, num_kv_heads], paged like the cache (same block ids):
+                  s = absmax / 127, q = floor(x / s + 0.5), x ~ q * s. A per-token scale is
+                  fixed when the token is written, so appending to a block never re-quantizes it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+INT8_MAX = 127.0  # symmetric int8: -128 is never used, so q and -q are both representable
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [..., D] -> (values in cache_dtype, per-row fp32 scales [...] for int8, else None).
+    The Triton write kernel computes the same fp32 operations in the same order (bit-equal)."""
+    if cache_dtype == torch.int8:
+        xf = x.float()
+        scale = xf.abs().amax(-1) / INT8_MAX
+        # NOTE: a division, not a multiplication by 1 / scale: a GPU fuses x * inv + 0.5 into
+        # one FMA (one rounding, not two), and the Triton kernel would then differ at ties.
+        safe = torch.where(scale > 0, scale, 1.0)[..., None]  # an all-zero row stays 0
+        q = torch.floor(xf / safe + 0.5).clamp_(-INT8_MAX, INT8_MAX)
+        return q.to(torch.int8), scale
+    if cache_dtype in FP8_DTYPES:
+        # Saturate: e4m3fn has no inf (an overflow would be NaN), e5m2 would give inf.
+        fmax = torch.finfo(cache_dtype).max
+        return x.float().clamp(-fmax, fmax).to(cache_dtype), None
+    return x.to(cache_dtype), None
+
+
+def dequantize_kv(values: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """Cache values [..., D] (+ int8 scales [...]) -> dtype."""
+    if scales is None:
+        return values.to(dtype)
+    return (values.float() * scales[..., None]).to(dtype)
+
+
+def _check_scales(cache: torch.Tensor, scales: torch.Tensor | None) -> None:
+    assert (scales is not None) == (cache.dtype == torch.int8), \
+        "an int8 KV cache needs its scales, other caches have none"
+    assert scales is None or scales.shape == cache.shape[:3], (scales.shape, cache.shape)
 
 
 def reshape_and_cache(
@@ -26,18 +70,25 @@ def reshape_and_cache(
     key_cache: torch.Tensor,  # [N, B, Hkv, D]
     value_cache: torch.Tensor,  # [N, B, Hkv, D]
     slot_mapping: torch.Tensor,  # [T] int
+    key_scales: torch.Tensor | None = None,  # [N, B, Hkv] fp32, int8 caches only
+    value_scales: torch.Tensor | None = None,
 ) -> None:
-    """Scatter this step's K/V into their cache slots."""
+    """Scatter this step's K/V into their cache slots, quantized to the cache's dtype."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[valid].to(key_cache.dtype)
-    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[valid].to(value_cache.dtype)
+    for x, cache, scales in ((key, key_cache, key_scales), (value, value_cache, value_scales)):
+        _check_scales(cache, scales)
+        q, s = quantize_kv(x[valid], cache.dtype)
+        cache.view(-1, *cache.shape[2:])[slots] = q
+        if scales is not None:
+            scales.view(-1, scales.shape[2])[slots] = s
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
     """Copy whole blocks src -> dst in every layer (copy-on-write).
 
-    kv_caches: per-layer tensors [2, N, B, Hkv, D]; block_mapping: [M, 2] int (src, dst).
+    kv_caches: per-layer tensors [2, N, B, Hkv, D] (or an int8 cache's scales [2, N, B, Hkv]);
+    block_mapping: [M, 2] int (src, dst).
     """
     if block_mapping.numel() == 0:
         return
@@ -50,8 +101,8 @@ def copy_blocks(kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> N
 def _gather_context(
     cache: torch.Tensor, block_table: torch.Tensor, start: int, end: int
 ) -> torch.Tensor:
-    """Tokens [start, end) of one sequence, in order: [end - start, Hkv, D]. start is a multiple
-    of the block size (blocks before it may be freed)."""
+    """Tokens [start, end) of one sequence, in order: [end - start, Hkv(, D)] (a cache or its
+    scales). start is a multiple of the block size (blocks before it may be freed)."""
     block_size = cache.shape[1]
     first, num_blocks = start // block_size, (end + block_size - 1) // block_size
     blocks = cache[block_table[first:num_blocks].long()]  # [nb, B, Hkv, D]
@@ -67,9 +118,13 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int | None = None,  # max(seq_lens) if known (saves a host sync)
     sliding_window: int | None = None,
+    key_scales: torch.Tensor | None = None,  # [N, B, Hkv] fp32, int8 caches only
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [S, Hq, D]
     """Each sequence's single new token attends to its whole context (incl. itself), or to
     its last sliding_window tokens."""
+    _check_scales(key_cache, key_scales)
+    _check_scales(value_cache, value_scales)
     num_seqs, num_heads, head_dim = query.shape
     if num_seqs == 0:
         return torch.empty_like(query)
@@ -93,8 +148,11 @@ def paged_decode_attention(
     table = block_tables.long().gather(1, cols.clamp_max(width - 1))
     table = torch.where(used, table, 0)
     # Gather every sequence's blocks at once and mask the rest: [S, L, Hkv, D].
-    k = key_cache[table].flatten(1, 2)
-    v = value_cache[table].flatten(1, 2)
+    k = dequantize_kv(key_cache[table].flatten(1, 2),
+                      None if key_scales is None else key_scales[table].flatten(1, 2), query.dtype)
+    v = dequantize_kv(value_cache[table].flatten(1, 2),
+                      None if value_scales is None else value_scales[table].flatten(1, 2),
+                      query.dtype)
     pos = (cols[:, :, None] * block_size
            + torch.arange(block_size, device=cols.device)).flatten(1)  # [S, L]
     mask = pos < seq_lens[:, None]
@@ -107,8 +165,8 @@ def paged_decode_attention(
     q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [S, Hkv, G, D]
     out = F.scaled_dot_product_attention(
         q,
-        k.transpose(1, 2).to(query.dtype),  # [S, Hkv, L, D] (a strided view, no copy)
-        v.transpose(1, 2).to(query.dtype),
+        k.transpose(1, 2),  # [S, Hkv, L, D] (a strided view, no copy)
+        v.transpose(1, 2),
         attn_mask=mask[:, None, None, :],
         scale=scale,
     )
@@ -125,6 +183,8 @@ def paged_prefill_attention(
     scale: float,
     max_seq_len: int | None = None,  # unused here; part of the shared signature
     sliding_window: int | None = None,
+    key_scales: torch.Tensor | None = None,  # [N, B, Hkv] fp32, int8 caches only
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Variable-length chunks, each the *last* q_len tokens of its sequence, attend causally.
 
@@ -133,6 +193,8 @@ def paged_prefill_attention(
     only keys p - W + 1 .. p. Decode is the q == 1 case, so this op also serves mixed prefill +
     decode batches.
     """
+    _check_scales(key_cache, key_scales)
+    _check_scales(value_cache, value_scales)
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -146,8 +208,12 @@ def paged_prefill_attention(
         k0 = 0
         if sliding_window is not None:
             k0 = max(seq_len - q_len - sliding_window + 1, 0) // block_size * block_size
-        k = _gather_context(key_cache, block_tables[i], k0, seq_len).to(query.dtype)
-        v = _gather_context(value_cache, block_tables[i], k0, seq_len).to(query.dtype)
+        k, v = (
+            dequantize_kv(_gather_context(cache, block_tables[i], k0, seq_len),
+                          None if scales is None
+                          else _gather_context(scales, block_tables[i], k0, seq_len),
+                          query.dtype)
+            for cache, scales in ((key_cache, key_scales), (value_cache, value_scales)))
         q = query[q0:q1].transpose(0, 1)  # [Hq, q, D]
         if q_len == seq_len and sliding_window is None:
             mask, causal = None, True  # whole prompt: SDPA's top-left causal is the same thing

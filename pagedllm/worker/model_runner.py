@@ -12,6 +12,7 @@ prefill and mixed steps) and replays a CUDA graph; the CPU path runs the flat ba
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,11 @@ from pagedllm.layers.sampler import (
     Sampler, SamplerOutput, SamplingMetadata, compute_prompt_logprobs, to_device,
 )
 from pagedllm.loader import initialize_dummy_weights, iter_weights
+from pagedllm.logger import log_phase
 from pagedllm.models.registry import get_model_class
-from pagedllm.worker.cache_engine import CacheEngine, kv_block_bytes
+from pagedllm.ops import backend, batch_invariant
+from pagedllm.worker.cache_engine import CacheEngine, kv_block_bytes, kv_cache_torch_dtype
+from pagedllm.worker.cpu_threads import CpuThreadGovernor
 from pagedllm.worker.cuda_graph import CudaGraphRunner, token_buckets
 from pagedllm.worker.flat_batch import FlatBatch, ModelInputs, StepPlan, build_flat_batch
 
@@ -94,9 +98,20 @@ class ModelRunner:
         self.device = torch.device("cuda", device_index) if config.device == "cuda" \
             else torch.device(config.device)
         self.dtype = _DTYPES[config.model.dtype]
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.cache.cache_dtype, self.dtype)
         self.block_size = config.cache.block_size
         torch.manual_seed(config.model.seed)
-        self.model = self._load_model()
+        # Build the modules, load (de-quantize) the weights, pre-pack CPU GEMM weights.
+        with log_phase(logger, "loading the model %s",
+                       os.path.basename(os.path.normpath(config.model.model))):
+            self.model = self._load_model()
+        backend.prepare(self.device, self.dtype, self.kv_cache_dtype)
+        self.batch_invariant = batch_invariant.resolve(config.batch_invariant, self.device,
+                                                       self.dtype, self.kv_cache_dtype,
+                                                       self.model)
+        # CPU: the intra-op team follows the idle cores (worker/cpu_threads.py says why).
+        self.cpu_threads = CpuThreadGovernor(torch.get_num_threads()) \
+            if self.device.type == "cpu" else None
         self.sampler = Sampler()
         self.cache_engine: CacheEngine | None = None
         self.graph_runner: CudaGraphRunner | None = None  # CUDA only; set up by init_cache
@@ -127,7 +142,7 @@ class ModelRunner:
         """Bytes of one block on this rank: its own KV heads (replicated when tp > KV heads)."""
         attn = next(m for m in self.model.modules() if isinstance(m, Attention))
         return kv_block_bytes(self.config.model.num_layers, self.block_size, attn.num_kv_heads,
-                              attn.head_dim, self.dtype)
+                              attn.head_dim, self.kv_cache_dtype)
 
     def determine_num_blocks(self) -> int:
         """KV blocks that fit: the override, else a fixed CPU budget, else GPU memory profiling."""
@@ -136,7 +151,9 @@ class ModelRunner:
             return cc.num_gpu_blocks_override
         if self.device.type != "cuda":
             return max(1, int(cc.cpu_kv_cache_gib * 2**30) // self.block_bytes())
-        return self._profile_num_gpu_blocks()
+        with log_phase(logger, "profiling GPU memory: the largest step once (%d tokens)",
+                       self.config.scheduler.max_num_batched_tokens):
+            return self._profile_num_gpu_blocks()
 
     @torch.inference_mode()
     def _profile_num_gpu_blocks(self) -> int:
@@ -159,7 +176,7 @@ class ModelRunner:
         weights = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         scratch = CacheEngine(self.model, scratch_blocks, 0, self.block_size, self.device,
-                              self.dtype)
+                              self.kv_cache_dtype)
         self._dummy_forward(num_seqs, seq_len, num_sampled=min(sc.max_num_seqs, num_tokens))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - scratch_blocks * self.block_bytes()
@@ -217,7 +234,7 @@ class ModelRunner:
 
     def init_cache(self, num_blocks: int, num_cpu_blocks: int) -> None:
         self.cache_engine = CacheEngine(self.model, num_blocks, num_cpu_blocks, self.block_size,
-                                        self.device, self.dtype)
+                                        self.device, self.kv_cache_dtype)
         # NOTE: not at tp > 1: the other ranks get the flat batch of the plan, so rank 0 must
         # run that same batch, and gloo/NCCL collectives are not captured (config.py says so).
         if self.device.type == "cuda" and get_tp_size() == 1:
@@ -262,12 +279,15 @@ class ModelRunner:
                                        plan.blocks_to_copy)
         if not plan.num_tokens:
             return None, []
-        hidden, sampled = self._forward(plan.batch, from_device)
-        logits = self.model.compute_logits(sampled).float() if plan.sample else None
-        if self.step_timer is not None:
-            self.step_timer.end()  # before the sampler's sync; its few small kernels idle
-        prompt_logits = [self.model.compute_logits(hidden[offset:offset + n]).float()
-                         for _, _, offset, n in plan.prompt_slices]
+        if self.cpu_threads is not None:
+            self.cpu_threads.before_step()
+        with batch_invariant.scope(self.batch_invariant):
+            hidden, sampled = self._forward(plan.batch, from_device)
+            logits = self.model.compute_logits(sampled).float() if plan.sample else None
+            if self.step_timer is not None:
+                self.step_timer.end()  # before the sampler's sync; its few small kernels idle
+            prompt_logits = [self.model.compute_logits(hidden[offset:offset + n]).float()
+                             for _, _, offset, n in plan.prompt_slices]
         return logits, prompt_logits
 
     def execute(

@@ -69,3 +69,28 @@ def test_same_tokens_under_preemption_prefix_cache_and_async(tiny_llama_dir, ref
     assert metrics["num_preemptions_total"] > 0 and metrics["prefix_cache_hits_total"] > 0
     assert llm.llm_engine.check_integrity()
     llm.llm_engine.shutdown()
+
+
+def test_closed_objects_admit_only_declared_keys():
+    """Objects that say nothing about other keys get additionalProperties false (vLLM's default
+    engine admits only declared keys); open ones, allOf members and data stay as written."""
+    from pagedllm.engine.structured_output import closed_objects
+
+    item = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    schema = {"type": "object", "properties": {
+        "x": item, "y": {"type": "array", "items": item},
+        "z": {"anyOf": [item, {"type": "null"}]},
+        "open": {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}},
+        "both": {"allOf": [item, {"properties": {"b": {}}}]},
+        "data": {"const": {"properties": {"k": 1}}}},
+        "$defs": {"d": item}}
+    out = closed_objects(schema)
+    closed = {**item, "additionalProperties": False}
+    assert out["additionalProperties"] is False and out["$defs"]["d"] == closed
+    props = out["properties"]
+    assert props["x"] == closed and props["y"]["items"] == closed
+    assert props["z"]["anyOf"] == [closed, {"type": "null"}]
+    assert props["open"]["additionalProperties"] == {"type": "string"}
+    assert props["both"] == {"allOf": [item, {"properties": {"b": {}}}]}
+    assert props["data"] == {"const": {"properties": {"k": 1}}}
+    assert schema["properties"]["x"] == item  # the caller's schema is not changed

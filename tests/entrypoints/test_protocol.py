@@ -49,7 +49,7 @@ def test_unknown_fields_are_ignored_and_named():
 
 @pytest.mark.parametrize("model,body,field", [
     (CompletionRequest, {"prompt": "x", "suffix": "!"}, "suffix"),
-    (CompletionRequest, {"prompt": "x", "best_of": 2}, "best_of"),
+    (CompletionRequest, {"prompt": "x", "best_of": 2, "stream": True}, "best_of"),
     (CompletionRequest, {"prompt": "x", "best_of": 1, "n": 2}, "best_of"),
     (ChatCompletionRequest, {"messages": [], "functions": [{"name": "f"}]}, "functions"),
     (ChatCompletionRequest, {"messages": [], "modalities": ["audio"]}, "modalities"),

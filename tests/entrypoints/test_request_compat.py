@@ -49,13 +49,30 @@ def ok(http, body: dict, path: str = "/v1/chat/completions") -> dict:
     {"messages": [USER], "best_of": 1},
     {"messages": [USER], "n": 2, "best_of": 2, "temperature": 1.0, "seed": 3},
     {"messages": [USER], "max_completion_tokens": 3},
+    {"messages": [USER], "n": 2, "best_of": 4, "temperature": 1.0, "seed": 3},
 ], ids=["name", "echoed-assistant", "tool-turns", "openai-extras", "best_of-1", "best_of-n",
-        "max_completion_tokens"])
+        "max_completion_tokens", "best_of>n"])
 def test_client_payloads_succeed(http, body):
     out = ok(http, body)
     assert len(out["choices"]) == body.get("n", 1)
     expected = body.get("max_completion_tokens", BASE["max_tokens"]) * body.get("n", 1)
     assert out["usage"]["completion_tokens"] == expected
+
+
+def test_best_of_returns_the_n_best_of_its_samples(http):
+    """best_of=4, n=2 returns the 2 of the 4 seeded samples (n=4, same seed) with the highest
+    cumulative logprob, best first."""
+    body = {"prompt": "The capital of France is", "temperature": 1.0, "seed": 5,
+            "logprobs": 0, "max_tokens": 6, "ignore_eos": True}
+    samples = ok(http, {**body, "n": 4}, "/v1/completions")["choices"]
+    best = ok(http, {**body, "n": 2, "best_of": 4}, "/v1/completions")["choices"]
+
+    def score(choice):
+        return sum(choice["logprobs"]["token_logprobs"])
+
+    ranked = sorted(samples, key=score, reverse=True)[:2]
+    assert [c["text"] for c in best] == [c["text"] for c in ranked]
+    assert [c["index"] for c in best] == [0, 1]
 
 
 def test_echoed_message_model_dump_from_the_openai_client(client):
@@ -83,7 +100,8 @@ def test_unknown_fields_are_ignored_with_one_warning(server, http):
 
 @pytest.mark.parametrize("path,body,field,fragment", [
     ("/v1/completions", {"prompt": "hi", "suffix": "!"}, "suffix", "insertion"),
-    ("/v1/completions", {"prompt": "hi", "best_of": 3, "n": 2}, "best_of", "best_of > n"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3, "n": 2, "stream": True}, "best_of",
+     "cannot be streamed"),
     ("/v1/completions", {"prompt": "hi", "best_of": 1, "n": 2}, "best_of", ">= n"),
     ("/v1/chat/completions", {"messages": [USER], "functions": [{"name": "f"}]}, "functions",
      "legacy"),

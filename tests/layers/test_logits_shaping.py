@@ -44,6 +44,19 @@ def test_bitmask_matches_a_bit_by_bit_oracle(vocab_size):
     assert torch.equal(out[[1, 3]], logits[[1, 3]])  # other rows untouched
 
 
+@pytest.mark.parametrize("vocab_size", [1, 33, 1000])
+def test_bitmask_on_every_row_matches_the_oracle(vocab_size):
+    """rows None (a batch of constrained requests): the one-pass path, same answer."""
+    g = torch.Generator().manual_seed(vocab_size)
+    words = torch.randint(-2**31, 2**31, (4, (vocab_size + 31) // 32), generator=g,
+                          dtype=torch.int64).to(torch.int32)
+    logits = torch.randn(4, vocab_size, generator=g)
+    out = apply_token_bitmask(logits, None, words)
+    assert torch.equal(out, logits.masked_fill(~dense_from_bits(words, vocab_size),
+                                               float("-inf")))
+    assert not torch.isinf(logits).any()  # a copy: the model's logits are not written
+
+
 def test_bitmask_narrower_than_logits_disallows_the_rest():
     words = torch.tensor([[-1]], dtype=torch.int32)  # tokens 0..31 allowed
     out = apply_token_bitmask(torch.zeros(1, 40), torch.tensor([0]), words)
@@ -101,6 +114,11 @@ def test_grammar_text_is_cached_by_schema_not_key_order():
     b = StructuredOutputsParams(json=json.dumps({"properties": {"x": {"type": "string"}},
                                                  "type": "object"}))
     assert grammar_text(a) is grammar_text(b)
+    # ...but the order of properties is kept: it is the order the output writes them in.
+    xy = {"type": "object", "properties": {"x": {"type": "string"}, "y": {"type": "string"}}}
+    yx = {"type": "object", "properties": {"y": {"type": "string"}, "x": {"type": "string"}}}
+    assert grammar_text(StructuredOutputsParams(json=xy)) != grammar_text(
+        StructuredOutputsParams(json=yx))
 
 
 @pytest.fixture(scope="module")

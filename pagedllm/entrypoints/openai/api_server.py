@@ -1,7 +1,8 @@
 """`pagedllm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
     POST /v1/chat/completions  /v1/completions  /tokenize  /detokenize
-    GET  /v1/models  /health (and HEAD)  /metrics  /version
+    GET  /v1/models  /v1/models/{id}  /health (and HEAD)  /metrics  /version
+    GET  /dashboard  /dashboard/events  /debug/kv   (the live KV-cache view: dashboard.py)
 
 Errors use OpenAI's `{"error": {message, type, param, code}}`; a 429 (queue full) and a 503
 (engine dead or stopped) also carry `Retry-After` (seconds), and every 4xx is logged with its
@@ -13,11 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -32,6 +35,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import pagedllm
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.async_engine import AsyncLLM
+from pagedllm.entrypoints.chat_utils import load_chat_template
+from pagedllm.entrypoints.openai.dashboard import register_dashboard
 from pagedllm.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -96,6 +101,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="where the engine core's step loop runs: its own process (default; "
                         "the HTTP event loop never waits on a model step) or a thread of the "
                         "server's process")
+    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                        help="do not serve the live KV-cache dashboard (/dashboard, "
+                        "/dashboard/events, /debug/kv)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
     return parser
@@ -210,7 +218,8 @@ def _publish_request_schemas(app: FastAPI) -> None:
 def build_app(engine: AsyncLLM, model_name: str, model_path: str,
               api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              compact_json: bool = False, tool_call_parser: str | None = None) -> FastAPI:
+              compact_json: bool = False, tool_call_parser: str | None = None,
+              dashboard: bool = True) -> FastAPI:
     # Detokenization runs on this event loop's thread; tokenization and templates on the
     # tokenizer's own (their cost grows with the input).
     tokenizer = engine.tokenizer
@@ -267,11 +276,18 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
     async def metrics() -> Response:
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
 
+    model_card = {"id": model_name, "object": "model", "created": started,
+                  "owned_by": "pagedllm", "root": model_path, "max_model_len": max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": started, "owned_by": "pagedllm",
-            "root": model_path, "max_model_len": max_model_len}]}
+        return {"object": "list", "data": [model_card]}
+
+    # :path, since Hub ids (ORG/NAME) hold a slash: client.models.retrieve(id).
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        chat.check_model(model_id)  # a 404 naming the served model otherwise
+        return model_card
 
     @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
     async def chat_completions(raw: Request):
@@ -307,10 +323,43 @@ def build_app(engine: AsyncLLM, model_name: str, model_path: str,
                            param="tokens")
         return {"prompt": tokenizer.decode(request.tokens)}
 
+    if dashboard:  # /dashboard, /dashboard/events, /debug/kv (behind the API key like the rest)
+        register_dashboard(app, engine, model_name)
     return app
 
 
-def run_server(args: argparse.Namespace) -> None:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening: taken before the model loads, so a
+    port in use fails in a second rather than after the load, and nobody can take the port
+    meanwhile (connections are refused until uvicorn listens, once the engine is ready).
+    Raises OSError with one line that says what to do."""
+    # As uvicorn binds: IPv6 for a host with a colon, else IPv4 (`localhost` included).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # As uvicorn does: a port left in TIME_WAIT by the last server can be taken again at once
+    # (on Linux this never lets two servers listen on one port).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"{host}:{port}"
+        if isinstance(exc, socket.gaierror):
+            raise OSError(f"--host {host!r} is not a known address ({exc.strerror})") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(f"port {port} is already in use on {host} (another server?): stop "
+                          "it, or pick a free port with --port") from None
+        if exc.errno == errno.EACCES:
+            raise OSError(f"no permission to listen on {where} (ports below 1024 need root): "
+                          "pick another port with --port") from None
+        raise OSError(f"cannot listen on {where}: {exc.strerror}; check --host and --port") \
+            from None
+    return sock
+
+
+def run_server(args: argparse.Namespace, started: float | None = None) -> None:
+    """Serve until SIGTERM or Ctrl-C. `started`: time.monotonic() when the command began (for
+    the start-up time in the ready line)."""
+    started = time.monotonic() if started is None else started
     for flag in ("max_waiting", "max_queued_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0")
@@ -318,19 +367,32 @@ def run_server(args: argparse.Namespace) -> None:
         raise SystemExit("--max-request-body-bytes must be >= 1")
     if args.shutdown_timeout < 0:
         raise SystemExit("--shutdown-timeout must be >= 0")
+    # Everything a user can get wrong is checked before the model loads: the chat template,
+    # the port, then (in create_engine_config) the model.
+    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
+    sock = bind_socket(args.host, args.port)
     engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args),
                                        engine_core=args.engine_core, max_waiting=args.max_waiting,
                                        max_queued_tokens=args.max_queued_tokens)
+    if chat_template is not None:
+        engine.tokenizer.chat_template = chat_template  # what every chat request renders with
     name = args.served_model_name or served_model_name(args.model)
     app = build_app(engine, name, engine.config.model.model, args.api_key,
                     args.max_request_body_bytes,
-                    args.structured_outputs_disable_any_whitespace, args.tool_call_parser)
-    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+                    args.structured_outputs_disable_any_whitespace, args.tool_call_parser,
+                    args.dashboard)
     # uvicorn's own grace period only backs ours up: by then every stream has ended.
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
-    DrainingServer(config, engine, args.shutdown_timeout).run()
+    server = DrainingServer(config, engine, args.shutdown_timeout)
+    url = f"http://{_url_host(args.host)}:{sock.getsockname()[1]}/v1"  # --port 0: the port taken
+    server.ready_log = (started, name, url)
+    server.run(sockets=[sock])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 class DrainingServer(uvicorn.Server):
@@ -343,6 +405,15 @@ class DrainingServer(uvicorn.Server):
                  shutdown_timeout: float) -> None:
         super().__init__(config)
         self.engine, self.shutdown_timeout = engine, shutdown_timeout
+        # (time.monotonic() at the command's start, model name, URL): logged once listening
+        self.ready_log: tuple[float, str, str] | None = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.ready_log is not None and not self.should_exit:
+            started, name, url = self.ready_log
+            logger.info("ready in %.1f s: serving %s on %s", time.monotonic() - started, name,
+                        url)
 
     @contextlib.contextmanager
     def capture_signals(self):

@@ -4,9 +4,9 @@ The field policy is vLLM's, because real clients send fields they do not expect 
 act on (`user`, `store`, `metadata`, `best_of: 1`, an echoed assistant message's
 `refusal: null`): an unknown field is accepted and ignored, and the endpoint logs one warning
 naming the ignored fields of the request (`ignored_fields`). A known field whose meaning we do
-not implement and which would change the answer (`suffix`, `best_of > n`, `functions`, audio
-output) stays a 400 naming it (`check_unsupported`): ignoring it would return a different
-answer than the client asked for. Implemented fields accept an explicit null, meaning "the
+not implement and which would change the answer (`suffix`, a streamed `best_of > n`,
+`functions`, audio output) stays a 400 naming it (`check_unsupported`): ignoring it would
+return a different answer than the client asked for. Implemented fields accept an explicit null, meaning "the
 default". Unions (`stop`, `prompt`, message `content`) are checked by hand so that an error
 names the field plainly instead of listing every member of the union. Responses are plain dicts
 built by serving_*.py.
@@ -213,8 +213,8 @@ class _SamplingRequest(OpenAIBaseModel):
     repetition_penalty: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted for OpenAI compatibility; only echoed in logs
-    best_of: int | None = None  # == n only: see check_best_of
+    user: str | None = None  # the end user: the fair scheduling policy's client
+    best_of: int | None = None  # > n: the n best by cumulative logprob (not streamed)
     # vLLM's extensions that shape the logits (SamplingParams has their meaning).
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = Field(default=None, max_length=MAX_ALLOWED_TOKEN_IDS)
@@ -228,6 +228,8 @@ class _SamplingRequest(OpenAIBaseModel):
     response_format: dict | None = None
     # vLLM's extension: requests with different salts never share prefix-cache blocks.
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
+    # vLLM's extension: the priority policy runs smaller values first (else it must be 0).
+    priority: int | None = 0
     ignore_eos: bool | None = False
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
@@ -285,6 +287,7 @@ class _SamplingRequest(OpenAIBaseModel):
 
         return SamplingParams(
             n=pick(self.n, 1),
+            best_of=self.best_of,
             temperature=pick(self.temperature, 1.0, "temperature"),
             top_p=pick(self.top_p, 1.0, "top_p"),
             top_k=pick(self.top_k, 0, "top_k"),

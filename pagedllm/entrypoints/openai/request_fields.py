@@ -45,10 +45,12 @@ def check_unsupported(request) -> None:
         if request.best_of < n:
             raise APIError(400, f"best_of must be >= n, got best_of={request.best_of} < n={n}",
                            param="best_of")
-        if request.best_of > n:
-            raise APIError(400, f"Unsupported field 'best_of': best_of > n (got "
-                           f"best_of={request.best_of}, n={n}) is not implemented; send "
-                           "best_of = n or leave it out", param="best_of")
+        if request.best_of > n and request.stream:
+            # As OpenAI's: the n best are known only when all best_of samples have ended.
+            raise APIError(400, f"Field 'best_of' > n (got best_of={request.best_of}, n={n}) "
+                           "cannot be streamed: the n best are chosen at the end; send "
+                           "stream=false",
+                           param="best_of")
 
 
 def structured_output_params(request, compact_json: bool = False

@@ -46,7 +46,7 @@ class OpenAIServingChat(OpenAIServing):
             forced.disable_any_whitespace = self.compact_json
             params.structured_outputs = forced
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self.add(request_id, prompt_ids, params, None, arrival, request.cache_salt)
+        stream = await self.add(request_id, prompt_ids, params, None, arrival, request)
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if request.stream:
             events = self._stream(stream, meta, params.n, num_logprobs, request.include_usage,

@@ -54,7 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             for i, (text, ids) in enumerate(prompts):
                 streams.append(await self.add(f"{request_id}-{i}", ids, params, text, arrival,
-                                              request.cache_salt))
+                                              request))
         except BaseException:
             close_all()
             raise

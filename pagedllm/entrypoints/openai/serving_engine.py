@@ -26,7 +26,7 @@ from pagedllm.engine.async_engine import (
     RequestStream,
 )
 from pagedllm.entrypoints.llm import LLM
-from pagedllm.entrypoints.openai.protocol import APIError
+from pagedllm.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from pagedllm.loader.generation_config import generation_defaults
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -169,11 +169,13 @@ class OpenAIServing:
             raise to_api_error(exc) from None
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                  prompt: str | None, arrival_time: float, cache_salt: str | None = None
-                  ) -> RequestStream:
+                  prompt: str | None, arrival_time: float,
+                  request: ChatCompletionRequest | CompletionRequest) -> RequestStream:
+        """Queue one prompt of `request` (its cache_salt, priority and user go with it)."""
         try:
-            return await self.engine.add_request(request_id, prompt_token_ids, params, prompt,
-                                                 arrival_time, cache_salt=cache_salt)
+            return await self.engine.add_request(
+                request_id, prompt_token_ids, params, prompt, arrival_time,
+                priority=request.priority or 0, cache_salt=request.cache_salt, user=request.user)
         except Exception as exc:
             raise to_api_error(exc) from None
 

@@ -7,6 +7,15 @@ blocks, so every position looks up its own physical block in the block table:
 
 The softmax runs in base 2 (exp2) with the scale folded into one multiplier, log2(e) * scale.
 
+Quantized caches: an fp8 cache is converted where it is loaded (scale 1.0); an int8 cache comes
+with per-(token, head) scales (ops/torch_ref.py), applied to the tile rather than to K and V:
+
+  q . (s_n k_n) = s_n (q . k_n)     -> the score columns are multiplied by the key scales
+  sum_n p_n (s_n v_n)               -> the probabilities are multiplied by the value scales
+                                       (after the row sum l_i, which must not see them)
+
+so the dots take the raw int8 values (exact in fp16/bf16) and no de-quantized tile is built.
+
 A sliding window W hides key n from a query at position p when p - n >= W (HF's convention);
 "no window" is passed as NO_WINDOW, larger than any position, so one code path serves both.
 """
@@ -33,11 +42,15 @@ def attend_kv_tile(
     q_pos,  # [M] int32, absolute position of each query row (only read when CAUSAL)
     k_head_ptr,  # key_cache + kv_head * stride_kh
     v_head_ptr,  # value_cache + kv_head * stride_vh
+    ks_head_ptr,  # key_scales + kv_head * stride_sh (only read when KV_SCALED)
+    vs_head_ptr,  # value_scales + kv_head * stride_sh
     block_table_ptr,  # this sequence's block-table row
     stride_kn,
     stride_kb,
     stride_vn,
     stride_vb,
+    stride_sn,  # scales [N, B, Hkv]: block and token strides (K and V scales share them)
+    stride_sb,
     n0,  # first position of the tile
     kv_end,  # positions >= kv_end are not part of this program's range
     scale_log2e,
@@ -50,6 +63,7 @@ def attend_kv_tile(
     CAUSAL: tl.constexpr,  # the tile may hold positions after some query row
     SLIDING: tl.constexpr,  # the tile may hold positions before some query row's window
     DOT_PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr,  # int8 cache with per-(token, head) scales
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -72,6 +86,11 @@ def attend_kv_tile(
         k = tl.load(k_ptrs)
 
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    if KV_SCALED:
+        s_offs = block_ids * stride_sn + in_block * stride_sb
+        k_scale = tl.load(ks_head_ptr + s_offs, mask=mask_n, other=0.0)
+        v_scale = tl.load(vs_head_ptr + s_offs, mask=mask_n, other=0.0)
+        s = s * k_scale[None, :]
     if CAUSAL:
         visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if SLIDING:
@@ -97,6 +116,8 @@ def attend_kv_tile(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
+    if KV_SCALED:
+        p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -106,9 +127,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def check_paged_inputs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor):
+KV_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn,
+                   torch.float8_e5m2, torch.int8)
+
+
+def check_paged_inputs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                       key_scales: torch.Tensor | None = None,
+                       value_scales: torch.Tensor | None = None):
     assert query.dim() == 3 and key_cache.dim() == 4, "query [T, Hq, D], cache [N, B, Hkv, D]"
-    assert key_cache.shape == value_cache.shape
+    assert key_cache.shape == value_cache.shape and key_cache.dtype == value_cache.dtype
+    assert key_cache.dtype in KV_CACHE_DTYPES, key_cache.dtype
+    assert (key_scales is not None) == (key_cache.dtype == torch.int8) \
+        and (value_scales is not None) == (key_scales is not None), \
+        "an int8 KV cache needs its scales, other caches have none"
+    if key_scales is not None:
+        assert key_scales.shape == value_scales.shape == key_cache.shape[:3]
+        assert key_scales.dtype == value_scales.dtype == torch.float32
+        assert key_scales.stride() == value_scales.stride()
     assert query.shape[2] == key_cache.shape[3], "head_dim of query and cache differ"
     assert query.shape[1] % key_cache.shape[2] == 0, "num_heads must be a multiple of num_kv_heads"
     # The kernels index the last dimension with unit stride (it is what makes loads wide).

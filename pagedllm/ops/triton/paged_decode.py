@@ -52,6 +52,8 @@ def _paged_decode_kernel(
     query_ptr,  # [S, Hq, D]
     key_cache_ptr,  # [N, B, Hkv, D]
     value_cache_ptr,  # [N, B, Hkv, D]
+    key_scales_ptr,  # [N, B, Hkv] fp32 (int8 caches; else any pointer, unused)
+    value_scales_ptr,  # [N, B, Hkv] fp32
     block_tables_ptr,  # [S, M]
     seq_lens_ptr,  # [S]
     scale_log2e,
@@ -66,6 +68,9 @@ def _paged_decode_kernel(
     stride_vn,
     stride_vb,
     stride_vh,
+    stride_sn,
+    stride_sb,
+    stride_sh,
     stride_bts,
     stride_os,
     stride_oh,
@@ -77,6 +82,7 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,  # tokens per KV tile
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -109,19 +115,23 @@ def _paged_decode_kernel(
 
     k_head_ptr = key_cache_ptr + kv_head * stride_kh
     v_head_ptr = value_cache_ptr + kv_head * stride_vh
+    ks_head_ptr = key_scales_ptr + kv_head * stride_sh
+    vs_head_ptr = value_scales_ptr + kv_head * stride_sh
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bts
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
         acc, m_i, l_i = attend_kv_tile(
-            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
-            stride_kn, stride_kb, stride_vn, stride_vb, n0, end, scale_log2e, window,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, False, DOT_PRECISION,
+            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, table_ptr,
+            stride_kn, stride_kb, stride_vn, stride_vb, stride_sn, stride_sb,
+            n0, end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, False, DOT_PRECISION, KV_SCALED,
         )
     if full_end < end:
         acc, m_i, l_i = attend_kv_tile(
-            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
-            stride_kn, stride_kb, stride_vn, stride_vb, full_end, end, scale_log2e, window,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, False, False, DOT_PRECISION,
+            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, table_ptr,
+            stride_kn, stride_kb, stride_vn, stride_vb, stride_sn, stride_sb,
+            full_end, end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, False, False, DOT_PRECISION, KV_SCALED,
         )
 
     if SPLIT:
@@ -208,6 +218,8 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int | None = None,  # max(seq_lens) or any upper bound, if known
     sliding_window: int | None = None,
+    key_scales: torch.Tensor | None = None,  # [N, B, Hkv] fp32, int8 caches only
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [S, Hq, D]
     """Each sequence's single new token attends to its whole context (incl. itself), or to
     its last sliding_window tokens.
@@ -223,7 +235,7 @@ def paged_decode_attention(
     num_splits = choose_num_splits(query.shape[0], key_cache.shape[2], max_seq_len, query.device)
     return _paged_decode(
         query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len, num_splits,
-        sliding_window=sliding_window,
+        sliding_window=sliding_window, key_scales=key_scales, value_scales=value_scales,
     )
 
 
@@ -238,12 +250,14 @@ def _paged_decode(
     num_splits: int,
     *,
     sliding_window: int | None = None,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """The launcher, with the policy knobs exposed for tests (forced splits) and benchmarks."""
-    check_paged_inputs(query, key_cache, value_cache)
+    check_paged_inputs(query, key_cache, value_cache, key_scales, value_scales)
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
@@ -268,13 +282,17 @@ def _paged_decode(
         part_out = part_m = part_l = out  # unused placeholders
 
     window = NO_WINDOW if sliding_window is None else sliding_window
+    scaled = key_scales is not None
+    if not scaled:  # placeholders, never read (KV_SCALED is False)
+        key_scales = value_scales = key_cache[:, :, :, 0]
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_m, part_l,
-        query, key_cache, value_cache, block_tables, seq_lens,
+        query, key_cache, value_cache, key_scales, value_scales, block_tables, seq_lens,
         scale * LOG2E, window, partition, num_splits,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         QUERY_GROUP=group,
@@ -285,6 +303,7 @@ def _paged_decode(
         BLOCK_N=block_n,
         SPLIT=split,
         DOT_PRECISION=dot_precision(query.dtype),
+        KV_SCALED=scaled,
         num_warps=num_warps or cfg_warps,
         num_stages=num_stages or cfg_stages,
     )

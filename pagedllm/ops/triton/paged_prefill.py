@@ -42,6 +42,8 @@ def _paged_prefill_kernel(
     query_ptr,  # [T, Hq, D]
     key_cache_ptr,  # [N, B, Hkv, D]
     value_cache_ptr,  # [N, B, Hkv, D]
+    key_scales_ptr,  # [N, B, Hkv] fp32 (int8 caches; else any pointer, unused)
+    value_scales_ptr,  # [N, B, Hkv] fp32
     block_tables_ptr,  # [S, M]
     query_start_loc_ptr,  # [S + 1]
     seq_lens_ptr,  # [S]
@@ -56,6 +58,9 @@ def _paged_prefill_kernel(
     stride_vn,
     stride_vb,
     stride_vh,
+    stride_sn,
+    stride_sb,
+    stride_sh,
     stride_bts,
     stride_ot,
     stride_oh,
@@ -67,6 +72,7 @@ def _paged_prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -106,6 +112,8 @@ def _paged_prefill_kernel(
 
     k_head_ptr = key_cache_ptr + kv_head * stride_kh
     v_head_ptr = value_cache_ptr + kv_head * stride_vh
+    ks_head_ptr = key_scales_ptr + kv_head * stride_sh
+    vs_head_ptr = value_scales_ptr + kv_head * stride_sh
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bts
     # The tile's rows sit at first_pos .. last_pos (= kv_end - 1); its keys fall into three runs:
     #
@@ -122,23 +130,26 @@ def _paged_prefill_kernel(
     mid_end = tl.maximum(kv_end - window, lo)  # kv_end - 1 is the last row's position
     for n0 in range(lo, mid_end, BLOCK_N):
         acc, m_i, l_i = attend_kv_tile(
-            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
-            stride_kn, stride_kb, stride_vn, stride_vb, n0, kv_end, scale_log2e, window,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, True, True, DOT_PRECISION,
+            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, table_ptr,
+            stride_kn, stride_kb, stride_vn, stride_vb, stride_sn, stride_sb,
+            n0, kv_end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, True, True, DOT_PRECISION, KV_SCALED,
         )
     mid = lo + tl.cdiv(mid_end - lo, BLOCK_N) * BLOCK_N
     full_end = mid + tl.maximum(first_pos + 1 - mid, 0) // BLOCK_N * BLOCK_N
     for n0 in range(mid, full_end, BLOCK_N):
         acc, m_i, l_i = attend_kv_tile(
-            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
-            stride_kn, stride_kb, stride_vn, stride_vb, n0, kv_end, scale_log2e, window,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, False, DOT_PRECISION,
+            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, table_ptr,
+            stride_kn, stride_kb, stride_vn, stride_vb, stride_sn, stride_sb,
+            n0, kv_end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, False, DOT_PRECISION, KV_SCALED,
         )
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = attend_kv_tile(
-            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, table_ptr,
-            stride_kn, stride_kb, stride_vn, stride_vb, n0, kv_end, scale_log2e, window,
-            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, True, False, DOT_PRECISION,
+            acc, m_i, l_i, q, q_pos, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, table_ptr,
+            stride_kn, stride_kb, stride_vn, stride_vb, stride_sn, stride_sb,
+            n0, kv_end, scale_log2e, window,
+            HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, True, False, DOT_PRECISION, KV_SCALED,
         )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -179,13 +190,15 @@ def paged_prefill_attention(
     scale: float,
     max_seq_len: int | None = None,  # unused: the grid comes from shapes alone
     sliding_window: int | None = None,
+    key_scales: torch.Tensor | None = None,  # [N, B, Hkv] fp32, int8 caches only
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Variable-length chunks, each the *last* q_len tokens of its sequence, attend causally.
 
     Same contract as torch_ref.paged_prefill_attention; the chunk's own K/V must already be in
     the cache (reshape_and_cache runs first).
     """
-    check_paged_inputs(query, key_cache, value_cache)
+    check_paged_inputs(query, key_cache, value_cache, key_scales, value_scales)
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -200,12 +213,17 @@ def paged_prefill_attention(
     )
     block_q = block_m // group
     num_tiles = num_tokens // block_q + num_seqs
+    scaled = key_scales is not None
+    if not scaled:  # placeholders, never read (KV_SCALED is False)
+        key_scales = value_scales = key_cache[:, :, :, 0]
     _paged_prefill_kernel[(num_tiles, num_kv_heads)](
-        out, query, key_cache, value_cache, block_tables, query_start_loc, seq_lens,
+        out, query, key_cache, value_cache, key_scales, value_scales, block_tables,
+        query_start_loc, seq_lens,
         scale * LOG2E, NO_WINDOW if sliding_window is None else sliding_window, num_seqs,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         QUERY_GROUP=group,
@@ -216,6 +234,7 @@ def paged_prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(query.dtype),
+        KV_SCALED=scaled,
         num_warps=num_warps,
         num_stages=num_stages,
     )

