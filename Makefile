@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?= auto
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup serve chat generate test test-fast test-fuzz bench bench-frontend bench-sharing \
+.PHONY: setup serve chat generate test test-heavy test-fast test-fuzz bench bench-frontend bench-sharing \
 	paper clean
 
 setup: $(VENV)/.installed
@@ -38,8 +38,13 @@ chat: setup
 generate: setup
 	$(VENV)/bin/pagedllm generate "The capital of France is" --temperature 0 --max-tokens 32
 
+# Everything but the few `heavy` tests (each over ~30 s, or timing-sensitive), which keeps
+# make test under 20 minutes on 2 cores; make test-heavy runs those.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not heavy"
+
+test-heavy: setup
+	$(PY) -m pytest -q -m heavy
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

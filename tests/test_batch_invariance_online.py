@@ -77,6 +77,7 @@ def test_alone_batched_concurrent_cold_warm_chunked_are_bitwise_equal(server):
     assert mismatches(reference, chunked) == [], "chunked prefill"
 
 
+@pytest.mark.heavy  # the negative control: make test-heavy
 def test_without_the_mode_the_bits_differ():
     """The check above can fail: a server without the mode gives other bits in a batch."""
     texts = prompts(16, seed=1)

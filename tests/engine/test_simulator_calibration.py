@@ -49,6 +49,7 @@ def _skip_if_busy() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # needs a quiet host: make test-heavy
 def test_cost_model_fitted_on_one_workload_predicts_another_within_20_percent():
     _skip_if_busy()
     steps, cost = measure(calibration_workload(), threads=2)

@@ -137,6 +137,7 @@ def teacher_forced(llm, prompts, continuations):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # four engines of the default model: make test-heavy
 def test_quantized_caches_stay_close_to_the_fp32_cache_on_the_default_model(default_llm):
     prompts = [default_llm.encode_chat([{"role": "user", "content": q}])
                for q in CHAT_QUESTIONS + MORE_QUESTIONS]
