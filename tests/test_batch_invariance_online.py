@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .entrypoints.test_openai_server import API_KEY, ServerProcess
+from .entrypoints.test_openai_server import API_KEY, serving
 from .test_batch_invariance_offline import prompts
 
 httpx = pytest.importorskip("httpx")
@@ -27,18 +27,9 @@ BODY = {"model": "SmolLM2-135M-Instruct", "temperature": 0.6, "top_p": 1.0, "max
         "seed": 42, "logprobs": 5}
 
 
-def served(*extra: str):
-    proc = ServerProcess(*extra)
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
-
-
 @pytest.fixture(scope="module")
 def server():
-    yield from served("--batch-invariant")
+    yield from serving("--batch-invariant")
 
 
 def complete(url: str, prompt: str | list[str]) -> list[tuple]:
@@ -72,7 +63,7 @@ def test_alone_batched_concurrent_cold_warm_chunked_are_bitwise_equal(server):
     for name, other in got.items():
         assert mismatches(reference, other) == [], name
     # Chunked prefill (8-token chunks, several requests' chunks in one step), cold cache.
-    for proc in served("--batch-invariant", "--max-num-batched-tokens", "8"):
+    for proc in serving("--batch-invariant", "--max-num-batched-tokens", "8"):
         chunked = complete(proc.url, texts)
     assert mismatches(reference, chunked) == [], "chunked prefill"
 
@@ -81,7 +72,7 @@ def test_alone_batched_concurrent_cold_warm_chunked_are_bitwise_equal(server):
 def test_without_the_mode_the_bits_differ():
     """The check above can fail: a server without the mode gives other bits in a batch."""
     texts = prompts(16, seed=1)
-    for proc in served("--no-batch-invariant"):
+    for proc in serving("--no-batch-invariant"):
         alone = [complete(proc.url, t)[0] for t in texts]
         batched = complete(proc.url, texts)
     assert mismatches(alone, batched) != []

@@ -19,6 +19,7 @@ import os
 import pytest
 
 from tests.entrypoints.test_openai_server import API_KEY, serving
+from tests.entrypoints.test_structured_output import server_flags
 
 openai = pytest.importorskip("openai")
 pydantic = pytest.importorskip("pydantic")
@@ -54,11 +55,7 @@ def _compat(name: str):
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    # Compact JSON: the random model would otherwise pick whitespace until max_tokens.
-    yield from serving("--model", tiny_llama_dir, "--max-model-len", "512",
-                       "--cpu-kv-cache-gib", "0.05", "--swap-space", "0.05",
-                       "--structured-outputs-disable-any-whitespace",
-                       "--tool-call-parser", "hermes")
+    yield from serving(*server_flags(tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,17 @@ MAX_TOKENS = 200  # far more than any output of these constraints needs
 MESSAGES = [{"role": "user", "content": "Describe a person."}]
 
 
+def server_flags(model_dir: str) -> tuple[str, ...]:
+    """A tiny-model server with grammars and tool calls (shared with test_clients.py).
+    Compact JSON: the random model would otherwise pick whitespace until max_tokens."""
+    return ("--model", model_dir, "--max-model-len", "512", "--cpu-kv-cache-gib", "0.05",
+            "--swap-space", "0.05", "--structured-outputs-disable-any-whitespace",
+            "--tool-call-parser", "hermes")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    # Compact JSON: the random model would otherwise pick whitespace until max_tokens.
-    yield from serving("--model", tiny_llama_dir, "--max-model-len", "512",
-                       "--cpu-kv-cache-gib", "0.05", "--swap-space", "0.05",
-                       "--structured-outputs-disable-any-whitespace",
-                       "--tool-call-parser", "hermes")
+    yield from serving(*server_flags(tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")
