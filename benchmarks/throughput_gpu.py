@@ -129,7 +129,8 @@ def main_gpu(args) -> None:
     engine_kwargs = dict(max_num_seqs=args.max_num_seqs,
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          enforce_eager=args.enforce_eager,
-                         async_scheduling=args.async_scheduling)
+                         async_scheduling=args.async_scheduling,
+                         kv_cache_dtype=args.kv_cache_dtype)
     for key in ("max_num_batched_tokens", "max_model_len"):
         if getattr(args, key) is not None:
             engine_kwargs[key] = getattr(args, key)
@@ -171,14 +172,15 @@ def main_gpu(args) -> None:
           f"{sc.max_num_batched_tokens}, max_model_len {sc.max_model_len}, "
           f"{'eager' if engine_config.enforce_eager else 'CUDA graphs'}, "
           f"{'async' if engine_config.async_scheduling else 'synchronous'} scheduling, "
-          f"{num_blocks} KV blocks "
+          f"{num_blocks} KV blocks of {args.kv_cache_dtype} "
           f"(gpu_memory_utilization {engine_config.cache.gpu_memory_utilization}); "
           f"start-up {startup:.1f} s")
     print(f"# Triton kernels compiled during the timed runs: {compiled}")
     for name, n, r in rows:
         sub = reqs[:n]
         roof = gpu_utils.roofline(cfg, [len(p) for p, _ in sub], [o for _, o in sub],
-                                  sc.max_num_seqs, copy_gbs, tflops)
+                                  sc.max_num_seqs, copy_gbs, tflops,
+                                  kv_elt=1 if args.kv_cache_dtype.startswith("fp8") else 2)
         print(f"{name}: {gpu_utils.format_roofline(roof, r['seconds'], r['output_tokens'])}")
         print(f"{name}: {gpu_utils.format_profile(r['profile'])}; "
               f"{r['preemptions']} preemptions; total (prompt + output) "

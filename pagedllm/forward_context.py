@@ -30,16 +30,25 @@ class AttentionMetadata:
 
 
 _current: AttentionMetadata | None = None
+_memo: dict | None = None
 
 
 @contextmanager
 def forward_context(meta: AttentionMetadata):
-    global _current
-    prev, _current = _current, meta
+    global _current, _memo
+    prev = _current, _memo
+    _current, _memo = meta, {}
     try:
         yield meta
     finally:
-        _current = prev
+        _current, _memo = prev
+
+
+def step_memo() -> dict | None:
+    """Values every layer of the current forward pass would otherwise work out again (the
+    rotary tables of its positions, the KV write's slots), or None outside a forward pass.
+    It lives for one forward pass only, so nothing in it outlasts the step's inputs."""
+    return _memo
 
 
 def get_attention_metadata() -> AttentionMetadata:

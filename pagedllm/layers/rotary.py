@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from pagedllm.forward_context import step_memo
 from pagedllm.ops import fused
 
 
@@ -73,6 +74,9 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = t[:, None] * inv_freq[None, :]  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        # Equal signatures give equal tables (the memo in _cos_sin shares them across layers)
+        self.signature = (self.rotary_dim, max_position, base, repr(sorted(
+            (rope_scaling or {}).items())), kind)
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
@@ -88,9 +92,23 @@ class RotaryEmbedding(nn.Module):
         if fused.use_fused(q):  # CUDA: q and k in one kernel; equal to the code below within
             # one rounding (ops/triton/layer_ops.py)
             return fused.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
+        cos, sin = self._cos_sin(positions, q.dtype)  # [T, 1, D] each
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        # Every layer of a step turns the same positions tensor with equal tables (equal
+        # signatures), so on CPU a forward pass gathers and casts them once (step_memo), not
+        # in each layer (6 small ops per layer).
+        memo = step_memo() if positions.device.type == "cpu" else None
+        key = ("rope", self.signature, id(positions), dtype)
+        hit = memo.get(key) if memo is not None else None
+        if hit is not None and hit[0] is positions:
+            return hit[1], hit[2]
+        cos = self.cos_cache[positions].unsqueeze(1).to(dtype)
+        sin = self.sin_cache[positions].unsqueeze(1).to(dtype)
+        if memo is not None:
+            memo[key] = (positions, cos, sin)
+        return cos, sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from pagedllm.ops import batch_invariant, cpu_kernels, torch_ref
 
 _BACKENDS = ("torch", "triton")
 _OVERRIDE = os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "").strip().lower() or None
+_CPU_PREFILL_KERNEL = os.environ.get("PAGEDLLM_CPU_PREFILL_KERNEL", "1") != "0"
 if _OVERRIDE is not None and _OVERRIDE not in _BACKENDS:
     raise ValueError(
         f"PAGEDLLM_ATTENTION_BACKEND must be one of {_BACKENDS}, got {_OVERRIDE!r}"
@@ -108,7 +109,11 @@ def paged_prefill_attention(
     """See torch_ref.paged_prefill_attention (max_seq_len is accepted and unused)."""
     if _use_triton(query.device):
         impl = _triton_prefill.paged_prefill_attention
-    elif batch_invariant.enabled:  # every row through the decode kernel (batch_invariant.py)
+    elif batch_invariant.enabled or (_CPU_PREFILL_KERNEL and _OVERRIDE is None
+                                     and key_scales is None
+                                     and cpu_kernels.supports(query, key_cache)):
+        # Every row through the C++ decode kernel: the mode needs it (batch_invariant.py), and
+        # elsewhere it is faster than the twin's gather + masked SDPA
         return cpu_kernels.paged_prefill_attention(
             query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale,
             max_seq_len, sliding_window)

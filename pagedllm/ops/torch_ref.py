@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagedllm.forward_context import step_memo
+
 INT8_MAX = 127.0  # symmetric int8: -128 is never used, so q and -q are both representable
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -74,14 +76,31 @@ def reshape_and_cache(
     value_scales: torch.Tensor | None = None,
 ) -> None:
     """Scatter this step's K/V into their cache slots, quantized to the cache's dtype."""
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
+    valid, slots = _write_slots(slot_mapping)
     for x, cache, scales in ((key, key_cache, key_scales), (value, value_cache, value_scales)):
         _check_scales(cache, scales)
-        q, s = quantize_kv(x[valid], cache.dtype)
+        q, s = quantize_kv(x if valid is None else x[valid], cache.dtype)
         cache.view(-1, *cache.shape[2:])[slots] = q
         if scales is not None:
             scales.view(-1, scales.shape[2])[slots] = s
+
+
+def _write_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(row mask, or None when every row is written; the slots written, int64). Every layer of
+    a step writes through the same slot_mapping, and on CPU the mask, its nonzero and the
+    gathers cost ~8 small ops per layer, so a forward pass works them out once (step_memo)."""
+    valid = slot_mapping >= 0
+    if slot_mapping.device.type != "cpu":  # no host sync on a GPU: always the masked path
+        return valid, slot_mapping[valid].long()
+    memo = step_memo()
+    hit = memo.get(("kv-write slots", id(slot_mapping))) if memo is not None else None
+    if hit is not None and hit[0] is slot_mapping:
+        return hit[1], hit[2]
+    mask = None if bool(valid.all()) else valid
+    slots = slot_mapping.long() if mask is None else slot_mapping[mask].long()
+    if memo is not None:
+        memo[("kv-write slots", id(slot_mapping))] = (slot_mapping, mask, slots)
+    return mask, slots
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:

@@ -133,3 +133,38 @@ def test_backend_takes_kernel_for_cpu_decode(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(backend)
+
+
+def test_backend_takes_kernel_for_cpu_prompts(monkeypatch):
+    """Prompt/chunk rows go through the kernel too (not only in batch-invariant mode);
+    PAGEDLLM_CPU_PREFILL_KERNEL=0 and quantized caches keep the twin."""
+    from pagedllm.ops import backend
+
+    calls = []
+    kernel = cpu_kernels.paged_prefill_attention
+    monkeypatch.setattr(cpu_kernels, "paged_prefill_attention",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    key_cache = torch.randn(8, 16, 2, 64, generator=gen)
+    value_cache = torch.randn(8, 16, 2, 64, generator=gen)
+    query = torch.randn(5, 4, 64, generator=gen)  # 3 rows of seq 0, 2 of seq 1
+    args = (query, key_cache, value_cache, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+            torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([20, 2], dtype=torch.int32),
+            0.125)
+    ref = torch_ref.paged_prefill_attention(*args)
+    try:
+        for env, expected_calls in (("1", 1), ("0", 1)):
+            monkeypatch.setenv("PAGEDLLM_CPU_PREFILL_KERNEL", env)
+            monkeypatch.delenv("PAGEDLLM_ATTENTION_BACKEND", raising=False)
+            out = importlib.reload(backend).paged_prefill_attention(*args)
+            assert len(calls) == expected_calls
+            assert max_abs_err(out, ref) <= 1e-5
+        monkeypatch.setenv("PAGEDLLM_CPU_PREFILL_KERNEL", "1")
+        importlib.reload(backend)
+        q8, s8 = torch_ref.quantize_kv(key_cache, torch.int8)
+        backend.paged_prefill_attention(query, q8, q8, *args[3:], key_scales=s8,
+                                        value_scales=s8)
+        assert len(calls) == 1  # the int8 cache went to the twin
+    finally:
+        monkeypatch.undo()
+        importlib.reload(backend)

@@ -1,0 +1,126 @@
+"""Where a CPU engine step's time goes: the per-step breakdown of issue 13.
+
+Default model (SmolLM2-135M-Instruct), decode steps only (the prompts are prefilled before the
+clock starts), greedy. Timers wrap the engine's own doors (monkeypatched module attributes, a
+perf_counter pair each, ~1 us):
+
+    step        LLMEngine.step: everything, as the caller sees it
+    forward     ModelRunner.run_plan: the model's forward pass and the LM head
+    GEMM        ops.gemm.linear (every linear layer and the LM head)
+    attention   the paged decode kernel and the KV-cache write (ops.backend)
+    other ops   forward - GEMM - attention: RMSNorm, rotary, SiLU-mul, embedding, and the
+                Python that calls them
+    engine      step - forward: scheduling, input preparation, the sampler, detokenization,
+                output processing
+
+Beside the GEMM time: the bandwidth floor of reading every weight once per step at the copy
+rate measured in the same run (batch 1 is bandwidth-bound).
+
+    python benchmarks/profile_cpu.py                        # fp32 (the default), batch 1 and 32
+    python benchmarks/profile_cpu.py --dtype bfloat16 --no-batch-invariant
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import defaultdict
+
+import torch
+
+
+def copy_gbs() -> float:
+    """Read bandwidth: sum() over 256 MB, best of 5."""
+    x = torch.ones(64 * 1024 * 1024)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+class Timers:
+    def __init__(self) -> None:
+        self.total: dict[str, float] = defaultdict(float)
+        self.on = False
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total[label] += time.perf_counter() - t
+
+        setattr(owner, name, timed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None)
+    args = ap.parse_args()
+
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.ops import backend, gemm
+    from pagedllm.worker import model_runner
+
+    timers = Timers()
+    timers.wrap(gemm, "linear", "GEMM")
+    timers.wrap(backend, "paged_decode_attention", "attention")
+    timers.wrap(backend, "reshape_and_cache", "attention")
+    timers.wrap(model_runner.ModelRunner, "run_plan", "forward")
+    llm = LLM(seed=0, dtype=args.dtype, batch_invariant=args.batch_invariant)
+    engine = llm.llm_engine
+    cfg = engine.config.model.hf_config
+    runner = engine.engine_core.executor.runner
+    # every weight but the embedding table (one row per token), plus the LM head (tied or not)
+    weight_params = sum(p.numel() for n, p in runner.model.named_parameters()
+                        if "embed" not in n and "lm_head" not in n) + cfg.vocab_size * cfg.hidden_size
+    elt = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    gbs = copy_gbs()
+    floor_ms = weight_params * elt / (gbs * 1e9) * 1e3
+    print(f"# default model, {args.dtype}, batch-invariant {runner.batch_invariant}; "
+          f"{weight_params / 1e6:.0f}M weights read per step ({weight_params * elt / 1e6:.0f} "
+          f"MB); read bandwidth {gbs:.1f} GB/s -> {floor_ms:.1f} ms per step at the floor")
+    print("| batch | step ms | forward | GEMM | attention | other ops | engine | GEMM GB/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rng = random.Random(0)
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for i in range(batch):
+            prompt = [rng.randrange(100, cfg.vocab_size) for _ in range(args.prompt_len)]
+            engine.add_request(f"b{batch}-{i}", None,
+                               SamplingParams(temperature=0.0, max_tokens=args.steps + 8,
+                                              ignore_eos=True), prompt_token_ids=prompt)
+        for _ in range(-(-batch * args.prompt_len // 2048) + 4):  # prefill and warm-up steps
+            engine.step()
+        timers.total.clear()
+        timers.on = True
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        wall = time.perf_counter() - t
+        timers.on = False
+        while engine.has_unfinished_requests():
+            engine.step()
+        per = {k: 1e3 * v / args.steps for k, v in timers.total.items()}
+        step = 1e3 * wall / args.steps
+        other = per["forward"] - per["GEMM"] - per["attention"]
+        print(f"| {batch} | {step:.1f} | {per['forward']:.1f} | {per['GEMM']:.1f} "
+              f"| {per['attention']:.1f} | {other:.1f} | {step - per['forward']:.1f} "
+              f"| {weight_params * elt / (per['GEMM'] * 1e6):.1f} |", flush=True)
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
