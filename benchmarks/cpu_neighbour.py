@@ -3,8 +3,9 @@ neighbour processes, in the same run; the share of its quiet speed each engine k
 
 Workload: the README's (32 random prompts of 32-256 tokens, 64 new tokens, greedy, EOS ignored;
 `cpu_peers.build_workloads`), default model, --dtype (float32). A neighbour is a process
-spinning in pure Python (`while True: pass`): one busy core each, for as long as the measured
-run lasts; it starts after the engine is loaded and warmed up and stops before the next run.
+spinning in pure Python (`while True: pass`): one busy core each, from before the engine is
+built (so its load, warm-up and first thread sizing see the neighbours too) until the timed
+generate call returns; only that call is timed (cpu_peers' runners).
 Engines alternate (pagedllm quiet, pagedllm busy, HF quiet, HF busy) `--repeats` times, so
 host drift hits both; the table gives each cell's median and range.
 
@@ -40,8 +41,8 @@ def neighbours(n: int) -> Iterator[None]:
 
 
 def timed(engine: str, work, model_path: str, args, busy: int) -> float:
-    """Output tok/s of one run; the engine is built and warmed up before the neighbours start
-    (cpu_peers' runners time only the generate call)."""
+    """Output tok/s of one run, the neighbours spinning around the whole runner (engine
+    build, warm-up and the timed generate call; only the call is timed)."""
     import cpu_peers
 
     with neighbours(busy):
@@ -82,9 +83,6 @@ def main() -> None:
     for r in range(args.repeats):
         for engine in ("pagedllm", "HF generate (static batch)"):
             for busy in (0, args.neighbours):
-                # NOTE: the neighbours also slow the engine's start-up, which is not timed;
-                # starting them inside the runner would need hooks in cpu_peers, so they start
-                # around the whole runner and the untimed load/warm-up simply takes longer.
                 tps = timed("pagedllm" if engine == "pagedllm" else "hf", work, model_path,
                             args, busy)
                 speeds.setdefault((engine, busy), []).append(tps)

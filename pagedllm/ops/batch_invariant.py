@@ -39,10 +39,10 @@ def resolve(on: bool | None, device: torch.device, dtype: torch.dtype,
     None (the default: on where it can be, quietly off elsewhere: a GPU, bf16, a quantized
     cache, no compiler for the C++ kernel).
 
-    Its cost on 2 quiet cores, wall time (docs/benchmarks.md, CPU peers): +6% on 32 random
-    prompts of 32-256 tokens x 64, -1.5% (faster) on the first 64 ShareGPT requests: under the
-    10% that makes it the CPU default. Batch-1 decode pays more, +37% (46.5 against 34.0
-    ms/token): outside the mode one row takes MKL's sgemv, which reads the weights faster than
+    Its cost on 2 quiet cores, wall time (docs/benchmarks.md, CPU peers): +4% on 32 random
+    prompts of 32-256 tokens x 64, none on the first 64 ShareGPT requests (medians of three
+    runs): under the 10% that makes it the CPU default. Batch-1 decode pays more, +36% (44.6
+    against 32.9 ms/token): outside the mode one row takes MKL's sgemv, which reads the weights faster than
     oneDNN's packed kernel, whose order the mode needs; `--no-batch-invariant` for chat
     latency."""
     if on is False:

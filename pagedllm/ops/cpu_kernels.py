@@ -9,7 +9,8 @@ torch's intra-op threads. Arithmetic is fp32 (bf16 caches are widened on load); 
 twin to ~1e-6 in fp32 (tests/ops/test_cpu_kernels.py).
 
 `paged_prefill_attention` runs prompt and chunk rows through the same kernel, each row a one-token
-query over its own context: batch-invariant mode's one attention path (ops/batch_invariant.py).
+query over its own context: batch-invariant mode's one attention path (ops/batch_invariant.py),
+and the CPU prompt path elsewhere too (ops/backend.py).
 
 It is JIT-compiled with torch.utils.cpp_extension on first use (a few seconds; cached in torch's
 extensions directory, so later processes only load it) and called through ctypes (the C++ file
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from pagedllm.forward_context import step_memo
 from pagedllm.ops import torch_ref
 
 logger = logging.getLogger(__name__)
@@ -177,6 +179,28 @@ def paged_decode_attention(
     return out
 
 
+def _prompt_rows(block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                 seq_lens: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(rows, each row's block table [T, M], each row's context length [T] int32): the same in
+    every layer of a forward pass, so worked out once per pass (step_memo)."""
+    memo = step_memo()
+    key = ("prompt rows", id(block_tables), id(query_start_loc), id(seq_lens))
+    hit = memo.get(key) if memo is not None else None
+    if hit is not None and hit[0] is block_tables and hit[1] is query_start_loc \
+            and hit[2] is seq_lens:
+        return hit[3]
+    starts = query_start_loc.to(torch.int64)
+    num_tokens = int(starts[-1])  # rows past it are padding (a CUDA-graph bucket): left as is
+    q_lens = starts[1:] - starts[:-1]  # [S]
+    seq_of_row = torch.repeat_interleave(torch.arange(q_lens.shape[0]), q_lens)  # [T]
+    row_lens = (seq_lens.to(torch.int64)[seq_of_row] - starts[1:][seq_of_row]
+                + torch.arange(num_tokens) + 1)
+    rows = (num_tokens, block_tables[seq_of_row], row_lens.to(torch.int32))
+    if memo is not None:
+        memo[key] = (block_tables, query_start_loc, seq_lens, rows)
+    return rows
+
+
 def paged_prefill_attention(
     query: torch.Tensor,  # [T, Hq, D], concatenated query chunks
     key_cache: torch.Tensor,  # [N, B, Hkv, D]
@@ -196,15 +220,9 @@ def paged_prefill_attention(
     seq_lens[s] - (end[s] - t), so its context is the first seq_lens[s] - end[s] + t + 1 tokens.
     It reads its K/V once per row instead of once per chunk: O(q_len * context) reads, which
     for prompts of a few hundred tokens stay in the L2 cache."""
-    starts = query_start_loc.to(torch.int64)
-    num_tokens = int(starts[-1])  # rows past it are padding (a CUDA-graph bucket): left as is
-    q_lens = starts[1:] - starts[:-1]  # [S]
-    seq_of_row = torch.repeat_interleave(torch.arange(q_lens.shape[0]), q_lens)  # [T]
-    row_lens = (seq_lens.to(torch.int64)[seq_of_row] - starts[1:][seq_of_row]
-                + torch.arange(num_tokens) + 1)
-    out = paged_decode_attention(query[:num_tokens], key_cache, value_cache,
-                                 block_tables[seq_of_row], row_lens.to(torch.int32), scale,
-                                 max_seq_len, sliding_window)
+    num_tokens, row_tables, row_lens = _prompt_rows(block_tables, query_start_loc, seq_lens)
+    out = paged_decode_attention(query[:num_tokens], key_cache, value_cache, row_tables,
+                                 row_lens, scale, max_seq_len, sliding_window)
     if num_tokens == query.shape[0]:
         return out
     return torch.cat([out, torch.zeros_like(query[num_tokens:])])

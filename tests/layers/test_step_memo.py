@@ -60,3 +60,27 @@ def test_kv_write_inside_a_pass_equals_the_plain_write():
                 torch_ref.reshape_and_cache(key, value, got_k, got_v, slots)
             assert len(step_memo()) == 1
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+def test_prompt_rows_through_the_kernel_inside_a_pass_equal_the_plain_call():
+    import pytest
+
+    from pagedllm.ops import cpu_kernels
+
+    if not cpu_kernels.load():
+        pytest.skip(f"no C++ CPU kernel: {cpu_kernels.load_error()}")
+    gen = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(8, 16, 2, 64, generator=gen), torch.randn(8, 16, 2, 64, generator=gen)
+    q = torch.randn(5, 4, 64, generator=gen)
+    args = (q, kc, vc, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+            torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([20, 2], dtype=torch.int32),
+            0.125)
+    plain = cpu_kernels.paged_prefill_attention(*args)
+    with forward_context(_meta()):
+        outs = [cpu_kernels.paged_prefill_attention(*args) for _ in range(3)]
+        assert len(step_memo()) == 1
+        other = cpu_kernels.paged_prefill_attention(  # other rows: their own entry
+            q, kc, vc, args[3], torch.tensor([0, 1, 5], dtype=torch.int32), args[5], 0.125)
+        assert len(step_memo()) == 2
+    assert all(torch.equal(o, plain) for o in outs)
+    assert not torch.equal(other, plain)

@@ -1,5 +1,5 @@
-"""The CPU door of the linear layers (ops/gemm.py): which kernel each M and dtype takes, and
-that each route computes the product (against F.linear in fp64)."""
+"""The CPU door of the linear layers (ops/gemm.py): which kernel each M and dtype takes (spies
+on both kernels), and that each route computes the product (against F.linear in fp64)."""
 
 import pytest
 import torch
@@ -9,6 +9,9 @@ from pagedllm.ops import gemm
 
 pytestmark = pytest.mark.skipif(gemm.prepack(torch.ones(8, 8)) is None,
                                 reason="no oneDNN packed GEMM in this torch build")
+BF16_PACKED = gemm.prepack(torch.ones(8, 8, dtype=torch.bfloat16)) is not None
+needs_bf16 = pytest.mark.skipif(not BF16_PACKED, reason="this CPU's oneDNN packs no bf16")
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)]
 
 
 def _case(m: int, dtype: torch.dtype, k: int = 576, n: int = 200, seed: int = 0):
@@ -19,31 +22,48 @@ def _case(m: int, dtype: torch.dtype, k: int = 576, n: int = 200, seed: int = 0)
     return x, w, b, gemm.prepack(w)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weights_of_both_dtypes_are_packed(dtype):
-    assert gemm.prepack(torch.ones(16, 16, dtype=dtype)) is not None
+@pytest.fixture
+def route(monkeypatch):
+    """The kernels `gemm.linear` called, in order: 'packed' or 'F.linear'."""
+    calls = []
+    packed, plain = gemm._packed_linear, F.linear
+    monkeypatch.setattr(gemm, "_packed_linear",
+                        lambda *a: calls.append("packed") or packed(*a))
+    monkeypatch.setattr(gemm.F, "linear", lambda *a: calls.append("F.linear") or plain(*a))
+    return calls
+
+
+@needs_bf16
+def test_weights_of_both_dtypes_are_packed():
+    assert gemm.prepack(torch.ones(16, 16)) is not None
+    assert gemm.prepack(torch.ones(16, 16, dtype=torch.bfloat16)) is not None
     assert gemm.prepack(torch.ones(16, 16, dtype=torch.float16)) is None
 
 
 @pytest.mark.parametrize("m", [1, 2])
-def test_one_or_two_fp32_rows_take_mkl_gemv(m):
+def test_one_or_two_fp32_rows_take_mkl_gemv(m, route):
     x, w, b, packed = _case(m, torch.float32)
-    assert torch.equal(gemm.linear(x, w, b, packed), F.linear(x, w, b))
+    y = gemm.linear(x, w, b, packed)
+    assert route == ["F.linear"]
+    assert torch.equal(y, F.linear(x, w, b))
 
 
 @pytest.mark.parametrize("m,dtype", [(3, torch.float32), (64, torch.float32),
-                                     (gemm.SMALL_M, torch.float32), (1, torch.bfloat16),
-                                     (32, torch.bfloat16), (gemm.SMALL_M, torch.bfloat16)])
-def test_few_rows_take_the_packed_kernel(m, dtype):
+                                     (gemm.SMALL_M, torch.float32),
+                                     pytest.param(1, torch.bfloat16, marks=needs_bf16),
+                                     pytest.param(32, torch.bfloat16, marks=needs_bf16),
+                                     pytest.param(gemm.SMALL_M, torch.bfloat16, marks=needs_bf16)])
+def test_few_rows_take_the_packed_kernel(m, dtype, route):
     x, w, b, packed = _case(m, dtype)
     y = gemm.linear(x, w, b, packed)
-    assert torch.equal(y, gemm._packed_linear(x, packed, b))
+    assert route == ["packed"]
     ref = F.linear(x.double(), w.double(), b.double())
     tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: one rounding of the output
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_many_rows_take_f_linear(dtype):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_rows_take_f_linear(dtype, route):
     x, w, b, packed = _case(gemm.SMALL_M + 1, dtype)
-    assert torch.equal(gemm.linear(x, w, b, packed), F.linear(x, w, b))
+    gemm.linear(x, w, b, packed)
+    assert route == ["F.linear"]
