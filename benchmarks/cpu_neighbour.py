@@ -50,12 +50,7 @@ def timed(engine: str, work, model_path: str, args, busy: int) -> float:
             secs, toks = cpu_peers.run_pagedllm(work, model_path, args.batch_invariant,
                                                 args.dtype)
         else:
-            import torch
-
-            # pagedllm's adaptive threads may have lowered this process's count on a busy
-            # host; HF runs with a fixed count, as its users run it
-            torch.set_num_threads(args.threads)
-            secs, toks = cpu_peers.run_hf(work, model_path, dtype=args.dtype)
+            secs, toks = cpu_peers.run_hf(work, model_path, args.threads, dtype=args.dtype)
     return toks / secs
 
 

@@ -123,13 +123,15 @@ def run_pagedllm(work, model_path: str, batch_invariant: bool | None,
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def run_hf(work, model_path: str, batch_size: int = 32, dtype: str = "float32"
-           ) -> tuple[float, int]:
+def run_hf(work, model_path: str, threads: int, batch_size: int = 32,
+           dtype: str = "float32") -> tuple[float, int]:
     """HF `generate`, static batches of `batch_size` (left padding): each batch runs to its
-    longest output; only each request's own tokens count."""
+    longest output; only each request's own tokens count. `threads`: a fixed count, as HF's
+    users run it (pagedllm's adaptive threads may have lowered this process's count)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(model_path), gguf_file=os.path.basename(model_path),
         dtype=getattr(torch, dtype)).eval()
@@ -189,13 +191,21 @@ def run_vllm(works: dict, folder: str, threads: int, timeout_s: float = 1800,
     iomp = os.path.join(VLLM_VENV, "lib", "libiomp5.so")
     if os.path.exists(iomp):
         env["LD_PRELOAD"] = ":".join(p for p in (iomp, env.get("LD_PRELOAD")) if p)
-    proc = subprocess.run([python, os.path.abspath(__file__), "--vllm-worker"],
+    got = run_worker(python, "--vllm-worker", spec, env, timeout_s, "vLLM CPU")
+    return got if isinstance(got, str) else {k: tuple(v) for k, v in got.items()}
+
+
+def run_worker(python: str, flag: str, spec: dict, env: dict, timeout_s: float,
+               engine: str) -> dict | str:
+    """This file under another venv's python with `flag`, the spec on stdin: the JSON of its
+    last `RESULT ` line, or why it failed."""
+    proc = subprocess.run([python, os.path.abspath(__file__), flag],
                           input=json.dumps(spec), capture_output=True, text=True, env=env,
                           timeout=timeout_s, cwd=ROOT, check=False)
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not result:
-        return f"vLLM CPU failed ({proc.returncode}): {proc.stderr.strip()[-600:]}"
-    return {k: tuple(v) for k, v in json.loads(result[-1][len("RESULT "):]).items()}
+        return f"{engine} failed ({proc.returncode}): {proc.stderr.strip()[-600:]}"
+    return json.loads(result[-1][len("RESULT "):])
 
 
 def vllm_worker() -> None:
@@ -229,13 +239,9 @@ def run_llama_cpp(work, model_path: str, threads: int,
         return f"no llama.cpp venv at {LLAMA_CPP_VENV} (`make llama-cpp` installs it)"
     spec = {"model": model_path, "threads": threads, "work": work}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([python, os.path.abspath(__file__), "--llama-cpp-worker"],
-                          input=json.dumps(spec), capture_output=True, text=True, env=env,
-                          timeout=timeout_s, cwd=ROOT, check=False)
-    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not result:
-        return f"llama.cpp failed ({proc.returncode}): {proc.stderr.strip()[-600:]}"
-    got = json.loads(result[-1][len("RESULT "):])
+    got = run_worker(python, "--llama-cpp-worker", spec, env, timeout_s, "llama.cpp")
+    if isinstance(got, str):
+        return got
     print(f"#   llama.cpp {got['version']}: {got['system_info']}", flush=True)
     return (got["secs"], got["tokens"]), f"llama.cpp {got['version']} (GGUF Q4_1/Q8_0)"
 
@@ -305,9 +311,9 @@ def run_peers(args) -> None:
             label = "pagedllm, batch-invariant off"
             rows[name][label] = run_pagedllm(work, model_path, False, args.dtype)
             print(f"#   {label} {name}: {rows[name][label]}", flush=True)
-        torch.set_num_threads(args.threads)  # pagedllm's adaptive threads may have changed it
         if "hf" in peers:
-            rows[name]["HF generate (static batch)"] = run_hf(work, model_path, dtype=args.dtype)
+            rows[name]["HF generate (static batch)"] = run_hf(work, model_path, args.threads,
+                                                              dtype=args.dtype)
             print(f"#   HF {name}: {rows[name]['HF generate (static batch)']}", flush=True)
     if "vllm-cpu" in peers:
         folder = export_hf_folder(model_path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -49,6 +51,25 @@ def step_memo() -> dict | None:
     rotary tables of its positions, the KV write's slots), or None outside a forward pass.
     It lives for one forward pass only, so nothing in it outlasts the step's inputs."""
     return _memo
+
+
+T = TypeVar("T")
+
+
+def per_pass(tag: object, tensors: tuple[torch.Tensor, ...], compute: Callable[[], T]) -> T:
+    """compute(), once per forward pass for these very tensors and tag (the step memo), or at
+    every call outside a pass. Tensors match by identity, and the memo holds them: no other
+    tensor can take an id they hold while the pass lasts."""
+    memo = _memo
+    if memo is None:
+        return compute()
+    key = (tag, *map(id, tensors))
+    hit = memo.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[1]
+    value = compute()
+    memo[key] = (tensors, value)
+    return value
 
 
 def get_attention_metadata() -> AttentionMetadata:

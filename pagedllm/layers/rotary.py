@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from pagedllm.forward_context import step_memo
+from pagedllm.forward_context import per_pass
 from pagedllm.ops import fused
 
 
@@ -96,19 +96,16 @@ class RotaryEmbedding(nn.Module):
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        def gather():
+            return (self.cos_cache[positions].unsqueeze(1).to(dtype),
+                    self.sin_cache[positions].unsqueeze(1).to(dtype))
+
+        if positions.device.type != "cpu":
+            return gather()
         # Every layer of a step turns the same positions tensor with equal tables (equal
-        # signatures), so on CPU a forward pass gathers and casts them once (step_memo), not
-        # in each layer (6 small ops per layer).
-        memo = step_memo() if positions.device.type == "cpu" else None
-        key = ("rope", self.signature, id(positions), dtype)
-        hit = memo.get(key) if memo is not None else None
-        if hit is not None and hit[0] is positions:
-            return hit[1], hit[2]
-        cos = self.cos_cache[positions].unsqueeze(1).to(dtype)
-        sin = self.sin_cache[positions].unsqueeze(1).to(dtype)
-        if memo is not None:
-            memo[key] = (positions, cos, sin)
-        return cos, sin
+        # signatures), so on CPU a forward pass gathers and casts them once, not in each layer
+        # (6 small ops per layer).
+        return per_pass(("rope", self.signature, dtype), (positions,), gather)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

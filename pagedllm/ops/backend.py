@@ -68,6 +68,13 @@ def get_backend_name(device: torch.device | str) -> str:
     return "triton" if _use_triton(torch.device(device)) else "torch"
 
 
+def _cpu_kernel_takes(query: torch.Tensor, key_cache: torch.Tensor,
+                      key_scales: torch.Tensor | None) -> bool:
+    """The C++ CPU kernel serves this call: no forced backend, no quantized cache (it declines
+    them), and tensors it supports (CPU, fp32/bf16, the kernel built)."""
+    return _OVERRIDE is None and key_scales is None and cpu_kernels.supports(query, key_cache)
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # [S, Hq, D]
     key_cache: torch.Tensor,  # [N, B, Hkv, D]
@@ -86,7 +93,7 @@ def paged_decode_attention(
     sliding_window: None, or the window W (a key at distance >= W from the query is hidden)."""
     if _use_triton(query.device):
         impl = _triton_decode.paged_decode_attention
-    elif _OVERRIDE is None and key_scales is None and cpu_kernels.supports(query, key_cache):
+    elif _cpu_kernel_takes(query, key_cache, key_scales):
         return cpu_kernels.paged_decode_attention(
             query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len,
             sliding_window)
@@ -112,9 +119,8 @@ def paged_prefill_attention(
     """See torch_ref.paged_prefill_attention (max_seq_len is accepted and unused)."""
     if _use_triton(query.device):
         impl = _triton_prefill.paged_prefill_attention
-    elif batch_invariant.enabled or (_CPU_PREFILL_KERNEL and _OVERRIDE is None
-                                     and key_scales is None
-                                     and cpu_kernels.supports(query, key_cache)):
+    elif batch_invariant.enabled or (_CPU_PREFILL_KERNEL
+                                     and _cpu_kernel_takes(query, key_cache, key_scales)):
         # Every row through the C++ decode kernel: the mode needs it (batch_invariant.py), and
         # elsewhere it is faster than the twin's gather + masked SDPA
         return cpu_kernels.paged_prefill_attention(

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.forward_context import step_memo
+from pagedllm.forward_context import per_pass
 from pagedllm.ops import torch_ref
 
 logger = logging.getLogger(__name__)
@@ -182,23 +182,20 @@ def paged_decode_attention(
 def _prompt_rows(block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                  seq_lens: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(rows, each row's block table [T, M], each row's context length [T] int32): the same in
-    every layer of a forward pass, so worked out once per pass (step_memo)."""
-    memo = step_memo()
-    key = ("prompt rows", id(block_tables), id(query_start_loc), id(seq_lens))
-    hit = memo.get(key) if memo is not None else None
-    if hit is not None and hit[0] is block_tables and hit[1] is query_start_loc \
-            and hit[2] is seq_lens:
-        return hit[3]
+    every layer of a forward pass, so worked out once per pass."""
+    return per_pass("prompt rows", (block_tables, query_start_loc, seq_lens),
+                    lambda: _work_out_prompt_rows(block_tables, query_start_loc, seq_lens))
+
+
+def _work_out_prompt_rows(block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                          seq_lens: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     starts = query_start_loc.to(torch.int64)
     num_tokens = int(starts[-1])  # rows past it are padding (a CUDA-graph bucket): left as is
     q_lens = starts[1:] - starts[:-1]  # [S]
     seq_of_row = torch.repeat_interleave(torch.arange(q_lens.shape[0]), q_lens)  # [T]
     row_lens = (seq_lens.to(torch.int64)[seq_of_row] - starts[1:][seq_of_row]
                 + torch.arange(num_tokens) + 1)
-    rows = (num_tokens, block_tables[seq_of_row], row_lens.to(torch.int32))
-    if memo is not None:
-        memo[key] = (block_tables, query_start_loc, seq_lens, rows)
-    return rows
+    return num_tokens, block_tables[seq_of_row], row_lens.to(torch.int32)
 
 
 def paged_prefill_attention(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedllm.forward_context import step_memo
+from pagedllm.forward_context import per_pass
 
 INT8_MAX = 127.0  # symmetric int8: -128 is never used, so q and -q are both representable
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -88,19 +88,17 @@ def reshape_and_cache(
 def _write_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(row mask, or None when every row is written; the slots written, int64). Every layer of
     a step writes through the same slot_mapping, and on CPU the mask, its nonzero and the
-    gathers cost ~8 small ops per layer, so a forward pass works them out once (step_memo)."""
-    valid = slot_mapping >= 0
+    gathers cost ~8 small ops per layer, so a forward pass works them out once (per_pass)."""
     if slot_mapping.device.type != "cpu":  # no host sync on a GPU: always the masked path
+        valid = slot_mapping >= 0
         return valid, slot_mapping[valid].long()
-    memo = step_memo()
-    hit = memo.get(("kv-write slots", id(slot_mapping))) if memo is not None else None
-    if hit is not None and hit[0] is slot_mapping:
-        return hit[1], hit[2]
-    mask = None if bool(valid.all()) else valid
-    slots = slot_mapping.long() if mask is None else slot_mapping[mask].long()
-    if memo is not None:
-        memo[("kv-write slots", id(slot_mapping))] = (slot_mapping, mask, slots)
-    return mask, slots
+
+    def work_out():
+        valid = slot_mapping >= 0
+        mask = None if bool(valid.all()) else valid
+        return mask, slot_mapping.long() if mask is None else slot_mapping[mask].long()
+
+    return per_pass("kv-write slots", (slot_mapping,), work_out)
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
