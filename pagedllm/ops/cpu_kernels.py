@@ -12,36 +12,22 @@ twin to ~1e-6 in fp32 (tests/ops/test_cpu_kernels.py).
 query over its own context: batch-invariant mode's one attention path (ops/batch_invariant.py),
 and the CPU prompt path elsewhere too (ops/backend.py).
 
-It is JIT-compiled with torch.utils.cpp_extension on first use (a few seconds; cached in torch's
-extensions directory, so later processes only load it) and called through ctypes (the C++ file
-says why). If it cannot be built or loaded, for any reason, one warning is logged and the twin
-serves every call: the package never needs a compiler. PAGEDLLM_CPU_KERNELS=0 turns it off (read
-at import).
+It is built on first use by ops/cpu_build.py (cached; called through ctypes); if it cannot be
+built or loaded, one warning is logged and the twin serves every call. PAGEDLLM_CPU_KERNELS=0
+turns it off (read at import).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import sys
-import time
-from pathlib import Path
 
 import torch
 
 from pagedllm.forward_context import per_pass
 from pagedllm.ops import torch_ref
+from pagedllm.ops.cpu_build import CppLibrary
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
 _DTYPES = (torch.float32, torch.bfloat16)
-_ENABLED = os.environ.get("PAGEDLLM_CPU_KERNELS", "1") != "0"
-_lib: ctypes.CDLL | None = None
-_load_error: str | None = None if _ENABLED else "disabled by PAGEDLLM_CPU_KERNELS=0"
 
 _ptr, _i32, _i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _ARGTYPES = (
@@ -52,79 +38,23 @@ _ARGTYPES = (
 )
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.pagedllm_paged_decode_attention.argtypes = _ARGTYPES
+    lib.pagedllm_paged_decode_attention.restype = _i32
+
+
+_LIBRARY = CppLibrary("pagedllm_cpu_kernels", "paged_decode_cpu.cpp", "CPU attention kernel",
+                      _declare)
+
+
 def load() -> bool:
     """Build (or load the cached build of) the kernel once; True if it is usable."""
-    global _lib, _load_error
-    if _lib is not None or _load_error is not None:
-        return _lib is not None
-    try:
-        from torch.utils.cpp_extension import load as load_extension
-
-        build = _build_directory()
-        built = build / "pagedllm_cpu_kernels.so"
-        # NOTE: a finished build is opened directly. cpp_extension takes a lock file around
-        # every load, even a no-op one, and a process killed while holding it (a TP worker
-        # killed mid-step) would leave every later load waiting on it.
-        path = str(built) if built.exists() else None
-        if path is None:
-            _put_ninja_on_path()
-            logger.info("building the C++ CPU attention kernel (once per machine; cached in "
-                        "%s) ...", build)
-            start = time.perf_counter()
-            path = load_extension(
-                name="pagedllm_cpu_kernels",
-                sources=[str(_SOURCE)],
-                build_directory=str(build),
-                # No -march=native (CI machines differ): the AVX2 path is picked at run time.
-                extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
-            logger.info("built the C++ CPU attention kernel in %.1f s",
-                        time.perf_counter() - start)
-        lib = ctypes.CDLL(path)
-        lib.pagedllm_paged_decode_attention.argtypes = _ARGTYPES
-        lib.pagedllm_paged_decode_attention.restype = _i32
-        _lib = lib
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error, a bad cache...
-        _load_error = f"{type(e).__name__}: {e}"
-        logger.warning("pagedllm: CPU attention kernel unavailable, using the PyTorch twin (%s)",
-                       _load_error.splitlines()[0])
-    return _lib is not None
-
-
-def _build_directory() -> Path:
-    """Under torch's extensions root (TORCH_EXTENSIONS_DIR, as cpp_extension reads it), one
-    directory per Python and torch version (the library links against libtorch) and source. A lock file
-    left by a killed build would make every later load wait on it forever: one older than any
-    real build is removed."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
-    source = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]  # a changed source rebuilds
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    path = Path(root) / f"pagedllm_cpu_kernels_{version.replace('+', '_')}_{source}"
-    path.mkdir(parents=True, exist_ok=True)
-    lock = path / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > 300:
-        logger.warning("pagedllm: removing a stale build lock %s", lock)
-        lock.unlink(missing_ok=True)
-    return path
-
-
-def _put_ninja_on_path() -> None:
-    """cpp_extension runs `ninja` from PATH; a venv used without activation has the pip-installed
-    one (a dependency of this package) off PATH."""
-    if shutil.which("ninja") is None:
-        import ninja  # the pip package: its binary's directory
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return _LIBRARY.load()
 
 
 def load_error() -> str | None:
     """Why the kernel is not in use (None while it is, or before the first load)."""
-    return _load_error
+    return _LIBRARY.error()
 
 
 def supports(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
@@ -168,7 +98,7 @@ def paged_decode_attention(
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype)
     if num_seqs == 0:
         return out
-    bad_block = _lib.pagedllm_paged_decode_attention(
+    bad_block = _LIBRARY.lib.pagedllm_paged_decode_attention(
         query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), block_tables.data_ptr(),
         seq_lens.data_ptr(), out.data_ptr(), query.dtype == torch.bfloat16,
         num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale, max_len,
