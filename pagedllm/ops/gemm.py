@@ -14,6 +14,8 @@ matmul has a faster kernel on its device.
   (ops/triton/skinny_gemm.py), which streams the weight without cuBLAS's split-K reduce;
   PAGEDLLM_SKINNY_GEMM=0 (or `set_skinny_enabled(False)`) keeps cuBLAS.
 
+- Quantized weights (`--quantization`, CPU): every M takes ops/quant_linear.py.
+
 Large-M matmuls (prefill) keep F.linear everywhere: they are compute-bound, and on CPU that is
 what HF transformers runs, bit for bit. Except in batch-invariant mode (ops/batch_invariant.py):
 there every M takes the packed path, whose per-row reduction order does not depend on M, and a
@@ -27,7 +29,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from pagedllm.ops import batch_invariant
+from pagedllm.ops import batch_invariant, quant_linear
+from pagedllm.ops.quant_linear import QuantizedWeight
 
 try:
     from pagedllm.ops.triton import skinny_gemm as _skinny
@@ -47,8 +50,13 @@ def set_skinny_enabled(enabled: bool) -> None:
     _skinny_enabled = bool(enabled) and _skinny is not None
 
 
-def prepack(weight: torch.Tensor) -> torch.Tensor | None:
-    """The weight in oneDNN's layout, or None where packing does not apply."""
+def prepack(weight: torch.Tensor, quantization: str | None = None
+            ) -> torch.Tensor | QuantizedWeight | None:
+    """What `linear` multiplies by instead of `weight`: its quantized blocks (quantization
+    set: ops/quant_linear.py), else the weight in oneDNN's layout, or None where neither
+    applies."""
+    if quantization is not None and quant_linear.can_quantize(weight):
+        return quant_linear.quantize(weight, quantization)
     if not (_ENABLED and weight.device.type == "cpu" and weight.dtype in _PACKED_DTYPES
             and torch.backends.mkldnn.is_available()):
         return None
@@ -105,7 +113,9 @@ def check_row_invariant(sizes: tuple[int, ...] = (576, 1536, 2048),
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None) -> torch.Tensor:
+           packed: torch.Tensor | QuantizedWeight | None) -> torch.Tensor:
+    if isinstance(packed, QuantizedWeight):  # every M: one order per row (batch-invariant too)
+        return quant_linear.linear(x, packed, bias)
     if batch_invariant.enabled and x.device.type == "cpu":
         return _invariant_linear(x, weight, bias, packed)
     if packed is not None and x.dim() == 2 and x.shape[0] <= SMALL_M and not (

@@ -133,9 +133,12 @@ class ModelRunner:
             initialize_dummy_weights(model, seed=mc.seed)
         else:
             model.load_weights(iter_weights(mc.model, mc.load_format, mc.hf_config))
+        quantization = mc.quantization
         for module in model.modules():
-            if hasattr(module, "prepack"):
-                module.prepack()  # CPU-only: pre-packed GEMM weights (ops/gemm.py)
+            if hasattr(module, "prepack"):  # CPU-only: pre-packed or quantized weights (gemm.py)
+                module.prepack(quantization)
+        if quantization is not None:
+            _log_quantized(model, quantization)
         return model.eval()
 
     def block_bytes(self) -> int:
@@ -401,3 +404,19 @@ class ModelRunner:
         src = [row for _, _, row in from_device]
         index = to_device([dst, src], torch.int64, self.device)  # no wait for the step in flight
         input_ids.index_copy_(0, index[0], self._last_sampled.index_select(0, index[1]))
+
+
+def _log_quantized(model: torch.nn.Module, method: str) -> None:
+    """Say what --quantization covered: the layers whose input size fills whole blocks."""
+    from pagedllm.ops.quant_linear import QuantizedWeight
+
+    done = [m for m in model.modules() if isinstance(getattr(m, "packed_weight", None),
+                                                    QuantizedWeight)]
+    left = [m for m in model.modules() if hasattr(m, "prepack") and m not in done]
+    size = sum(m.packed_weight.nbytes for m in done)
+    full = sum(m.weight.nbytes for m in done)
+    logger.info("quantization %s: %d linear layers, %.1f MB of weights read per step instead of "
+                "%.1f MB%s", method, len(done), size / 1e6, full / 1e6,
+                f"; {len(left)} left in the model dtype (input size not a multiple of 32)"
+                if left else "")
+

@@ -1,0 +1,172 @@
+// Weight-only quantized linear layers on the CPU: y = x W^T + bias with W stored in blocks of
+// 32 weights along K (the input dimension), GGUF's block layouts with fp32 scales:
+//
+//   q8_0  w = d * q          q int8,  one scale d per block            (36 bytes / 32 weights)
+//   q4_1  w = d * q + m      q 0..15, a scale d and a minimum m        (24 bytes / 32 weights)
+//
+// A q4_1 block stores its 32 nibbles in 16 bytes: byte j holds weight j in its low nibble and
+// weight j + 16 in its high nibble (GGUF's order), so one 16-byte load widens to two vectors
+// of 16 consecutive weights.
+//
+// Decode at batch 1 is bound by the bytes of weights read per token; these blocks read 3.6x
+// (q8_0) and 5.3x (q4_1) fewer bytes than fp32. Each block is de-quantized to fp32 once in
+// registers and used for up to R rows of x at a time. Activations and sums are fp32.
+//
+// Batch invariance: the output (m, n) is the same sequence of operations whatever M is and
+// whichever thread computes it (threads split N only; a row tile only shares the de-quantized
+// weights), so a row's bits never depend on the batch it came in.
+//
+// An AVX-512 copy is picked at run time by CPUID; elsewhere the portable loops (the same
+// arithmetic per block, another summation order) run. No -march=native: CI machines differ.
+// The entry points are plain C, called through ctypes (ops/quant_linear.py; see
+// paged_decode_cpu.cpp for why).
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX512_PATH 1
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;  // weights per block
+constexpr int64_t R = 4;    // rows of x sharing one de-quantized block
+constexpr int64_t MT = 64;  // rows of x per pass over the weights: 64 x K fp32 stay in L2
+
+struct Args {
+  const float* x;      // [M, K]
+  const void* q;       // q8_0: int8 [N, K]; q4_1: uint8 [N, K / 2]
+  const float* d;      // [N, K / 32]
+  const float* m;      // [N, K / 32] (q4_1) or null
+  const float* bias;   // [N] or null
+  float* out;          // [M, N]
+  int64_t M, N, K;
+};
+
+// ---- portable --------------------------------------------------------------------------------
+// One block's 32 weights de-quantized into w.
+inline void dequant_block(const Args& a, int64_t n, int64_t b, float* w) {
+  const int64_t nb = a.K / QK;
+  const float d = a.d[n * nb + b];
+  if (a.m == nullptr) {
+    const int8_t* q = static_cast<const int8_t*>(a.q) + n * a.K + b * QK;
+    for (int j = 0; j < QK; ++j) w[j] = d * static_cast<float>(q[j]);
+  } else {
+    const uint8_t* q = static_cast<const uint8_t*>(a.q) + n * (a.K / 2) + b * (QK / 2);
+    const float mn = a.m[n * nb + b];
+    for (int j = 0; j < QK / 2; ++j) {
+      w[j] = d * static_cast<float>(q[j] & 0xF) + mn;
+      w[j + QK / 2] = d * static_cast<float>(q[j] >> 4) + mn;
+    }
+  }
+}
+
+void range_portable(const Args& a, int64_t n0, int64_t n1) {
+  const int64_t nb = a.K / QK;
+  float w[QK];
+  for (int64_t t0 = 0; t0 < a.M; t0 += MT)
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r0 = t0; r0 < std::min(a.M, t0 + MT); r0 += R) {
+      const int64_t rows = std::min(R, a.M - r0);
+      float acc[R][8] = {};
+      for (int64_t b = 0; b < nb; ++b) {
+        dequant_block(a, n, b, w);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* x = a.x + (r0 + r) * a.K + b * QK;
+          for (int j = 0; j < QK; ++j) acc[r][j % 8] += w[j] * x[j];
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float s = 0.f;
+        for (int j = 0; j < 8; ++j) s += acc[r][j];
+        a.out[(r0 + r) * a.N + n] = s + (a.bias ? a.bias[n] : 0.f);
+      }
+    }
+}
+
+#ifdef HAVE_AVX512_PATH
+// ---- AVX-512 ---------------------------------------------------------------------------------
+// Two accumulators per row (low and high 16 weights of a block): two independent FMA chains,
+// so one row alone is not bound by the FMA latency.
+template <bool Q4>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void range_avx512(const Args& a,
+                                                                            int64_t n0,
+                                                                            int64_t n1) {
+  const int64_t nb = a.K / QK;
+  const __m512i low4 = _mm512_set1_epi32(0xF);
+  for (int64_t t0 = 0; t0 < a.M; t0 += MT)
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* d = a.d + n * nb;
+    const float* mn = Q4 ? a.m + n * nb : nullptr;
+    const int8_t* q8 = static_cast<const int8_t*>(a.q) + n * a.K;
+    const uint8_t* q4 = static_cast<const uint8_t*>(a.q) + n * (a.K / 2);
+    for (int64_t r0 = t0; r0 < std::min(a.M, t0 + MT); r0 += R) {
+      const int64_t rows = std::min(R, a.M - r0);
+      __m512 lo_acc[R], hi_acc[R];
+      for (int64_t r = 0; r < R; ++r) lo_acc[r] = hi_acc[r] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m512 scale = _mm512_set1_ps(d[b]);
+        __m512 w_lo, w_hi;
+        if (Q4) {
+          const __m512i v = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(q4 + b * (QK / 2))));
+          const __m512 shift = _mm512_set1_ps(mn[b]);
+          w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), scale, shift);
+          w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, shift);
+        } else {
+          const __m128i* p = reinterpret_cast<const __m128i*>(q8 + b * QK);
+          w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p))),
+                               scale);
+          w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1))),
+                               scale);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* x = a.x + (r0 + r) * a.K + b * QK;
+          lo_acc[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x), lo_acc[r]);
+          hi_acc[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + 16), hi_acc[r]);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        a.out[(r0 + r) * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[r], hi_acc[r])) +
+                                    (a.bias ? a.bias[n] : 0.f);
+    }
+  }
+}
+#endif
+
+using RangeFn = void (*)(const Args&, int64_t, int64_t);
+
+RangeFn pick(bool q4) {
+#ifdef HAVE_AVX512_PATH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+    return q4 ? &range_avx512<true> : &range_avx512<false>;
+#endif
+  return &range_portable;
+}
+
+}  // namespace
+
+// 1 if this machine runs the AVX-512 copy, else 0 (the portable loops).
+extern "C" int pagedllm_quant_linear_vectorized() {
+  return pick(false) != &range_portable ? 1 : 0;
+}
+
+// y[M, N] = x[M, K] W^T + bias. K is a multiple of 32 (the caller checks). m == null: q8_0.
+extern "C" void pagedllm_quant_linear(const float* x, const void* q, const float* d,
+                                      const float* m, const float* bias, float* out, int64_t M,
+                                      int64_t N, int64_t K) {
+  static const RangeFn q8 = pick(false), q4 = pick(true);
+  const Args a{x, q, d, m, bias, out, M, N, K};
+  const RangeFn fn = m == nullptr ? q8 : q4;
+  // A task is a run of output features: enough weight bytes (~64 KB) that splitting a small
+  // layer across threads costs less than it saves.
+  const int64_t bytes_per_row = m == nullptr ? K + K / QK * 4 : K / 2 + K / QK * 8;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / bytes_per_row);
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
