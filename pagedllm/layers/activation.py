@@ -11,7 +11,7 @@ class SiluAndMul(nn.Module):
     """x = [gate | up] along the last dim -> silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.use_fused(x):  # CUDA: one kernel, bit-identical to the code below
+        if fused.use_fused(x):  # one fused op (ops/fused.py), within a rounding of the code below
             return fused.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if fused.use_fused(x):  # CUDA: one kernel (ops/triton/layer_ops.py), same rounding
+        if fused.use_fused(x):  # one fused op (ops/fused.py), within a rounding of the code below
             return fused.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)

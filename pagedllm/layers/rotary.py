@@ -89,8 +89,8 @@ class RotaryEmbedding(nn.Module):
         return self._rotate(positions, q, k)
 
     def _rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        if fused.use_fused(q):  # CUDA: q and k in one kernel; equal to the code below within
-            # one rounding (ops/triton/layer_ops.py)
+        if fused.use_fused(q):  # q and k in one fused op (ops/fused.py), indexing the tables
+            # itself; equal to the code below within one rounding
             return fused.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
         cos, sin = self._cos_sin(positions, q.dtype)  # [T, 1, D] each
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -26,6 +26,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#define INLINE inline __attribute__((always_inline))
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HAVE_AVX512_PATH 1
@@ -34,8 +36,8 @@
 namespace {
 
 constexpr int64_t QK = 32;  // weights per block
-constexpr int64_t R = 4;    // rows of x sharing one de-quantized block
-constexpr int64_t MT = 64;  // rows of x per pass over the weights: 64 x K fp32 stay in L2
+constexpr int64_t R = 8;    // rows of x sharing one de-quantized block (at most)
+constexpr int64_t MT = R;   // rows of x per pass over the weights: R x K fp32 stay in L1
 
 struct Args {
   const float* x;      // [M, K]
@@ -90,49 +92,67 @@ void range_portable(const Args& a, int64_t n0, int64_t n1) {
 
 #ifdef HAVE_AVX512_PATH
 // ---- AVX-512 ---------------------------------------------------------------------------------
-// Two accumulators per row (low and high 16 weights of a block): two independent FMA chains,
-// so one row alone is not bound by the FMA latency.
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+
+// One block's 32 weights, de-quantized: lanes 0-15 and 16-31.
 template <bool Q4>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void range_avx512(const Args& a,
-                                                                            int64_t n0,
-                                                                            int64_t n1) {
+AVX512 INLINE void load_block(const Args& a, int64_t n, int64_t b, __m512& w_lo, __m512& w_hi) {
   const int64_t nb = a.K / QK;
-  const __m512i low4 = _mm512_set1_epi32(0xF);
-  for (int64_t t0 = 0; t0 < a.M; t0 += MT)
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* d = a.d + n * nb;
-    const float* mn = Q4 ? a.m + n * nb : nullptr;
-    const int8_t* q8 = static_cast<const int8_t*>(a.q) + n * a.K;
-    const uint8_t* q4 = static_cast<const uint8_t*>(a.q) + n * (a.K / 2);
-    for (int64_t r0 = t0; r0 < std::min(a.M, t0 + MT); r0 += R) {
-      const int64_t rows = std::min(R, a.M - r0);
-      __m512 lo_acc[R], hi_acc[R];
-      for (int64_t r = 0; r < R; ++r) lo_acc[r] = hi_acc[r] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m512 scale = _mm512_set1_ps(d[b]);
-        __m512 w_lo, w_hi;
-        if (Q4) {
-          const __m512i v = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(q4 + b * (QK / 2))));
-          const __m512 shift = _mm512_set1_ps(mn[b]);
-          w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), scale, shift);
-          w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, shift);
-        } else {
-          const __m128i* p = reinterpret_cast<const __m128i*>(q8 + b * QK);
-          w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p))),
-                               scale);
-          w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1))),
-                               scale);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* x = a.x + (r0 + r) * a.K + b * QK;
-          lo_acc[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x), lo_acc[r]);
-          hi_acc[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + 16), hi_acc[r]);
-        }
+  const __m512 scale = _mm512_set1_ps(a.d[n * nb + b]);
+  if (Q4) {
+    const uint8_t* q = static_cast<const uint8_t*>(a.q) + n * (a.K / 2) + b * (QK / 2);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    const __m512 shift = _mm512_set1_ps(a.m[n * nb + b]);
+    w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF))),
+                           scale, shift);
+    w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, shift);
+  } else {
+    const __m128i* p = reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(a.q) +
+                                                        n * a.K + b * QK);
+    w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p))), scale);
+    w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1))), scale);
+  }
+}
+
+// Output n for ROWS rows of x from row r0. ROWS is a compile-time constant so that the
+// accumulators live in registers; two per row (a block's low and high 16 weights) make two
+// independent FMA chains, so one row alone is not bound by the FMA latency. Each row's
+// instructions are the same whatever ROWS is: that is the batch invariance.
+template <bool Q4, int ROWS>
+AVX512 INLINE void rows_avx512(const Args& a, int64_t n, int64_t r0) {
+  __m512 lo[ROWS], hi[ROWS];
+  for (int r = 0; r < ROWS; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.K / QK; ++b) {
+    __m512 w_lo, w_hi;
+    load_block<Q4>(a, n, b, w_lo, w_hi);
+    for (int r = 0; r < ROWS; ++r) {
+      const float* x = a.x + (r0 + r) * a.K + b * QK;
+      lo[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x), lo[r]);
+      hi[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + 16), hi[r]);
+    }
+  }
+  const float bias = a.bias ? a.bias[n] : 0.f;
+  for (int r = 0; r < ROWS; ++r)
+    a.out[(r0 + r) * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r])) + bias;
+}
+
+template <bool Q4>
+AVX512 void range_avx512(const Args& a, int64_t n0, int64_t n1) {
+  for (int64_t t0 = 0; t0 < a.M; t0 += MT) {
+    const int64_t t1 = std::min(a.M, t0 + MT);
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t r0 = t0;
+      for (; r0 + R <= t1; r0 += R) rows_avx512<Q4, R>(a, n, r0);
+      switch (t1 - r0) {  // the tile's last rows
+        case 1: rows_avx512<Q4, 1>(a, n, r0); break;
+        case 2: rows_avx512<Q4, 2>(a, n, r0); break;
+        case 3: rows_avx512<Q4, 3>(a, n, r0); break;
+        case 4: rows_avx512<Q4, 4>(a, n, r0); break;
+        case 5: rows_avx512<Q4, 5>(a, n, r0); break;
+        case 6: rows_avx512<Q4, 6>(a, n, r0); break;
+        case 7: rows_avx512<Q4, 7>(a, n, r0); break;
+        default: break;
       }
-      for (int64_t r = 0; r < rows; ++r)
-        a.out[(r0 + r) * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[r], hi_acc[r])) +
-                                    (a.bias ? a.bias[n] : 0.f);
     }
   }
 }
