@@ -144,6 +144,8 @@ def reshape_and_cache(
     value_scales: torch.Tensor | None = None,
 ) -> None:
     """See torch_ref.reshape_and_cache (quantizes to the cache's dtype)."""
+    if not _use_triton(key.device) and _cpu_kernel_takes(key, key_cache, key_scales):
+        return cpu_kernels.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     impl = _triton_cache_ops if _use_triton(key.device) else torch_ref
     impl.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, key_scales,
                            value_scales)

@@ -41,6 +41,8 @@ _ARGTYPES = (
 def _declare(lib: ctypes.CDLL) -> None:
     lib.pagedllm_paged_decode_attention.argtypes = _ARGTYPES
     lib.pagedllm_paged_decode_attention.restype = _i32
+    lib.pagedllm_reshape_and_cache.argtypes = [_ptr] * 5 + [_i64] * 12
+    lib.pagedllm_reshape_and_cache.restype = _i32
 
 
 _LIBRARY = CppLibrary("pagedllm_cpu_kernels", "paged_decode_cpu.cpp", "CPU attention kernel",
@@ -107,6 +109,35 @@ def paged_decode_attention(
     if bad_block:
         raise IndexError("a block table entry of a used block is out of range")
     return out
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    key_cache: torch.Tensor,  # [N, B, Hkv, D]
+    value_cache: torch.Tensor,  # [N, B, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T]; negative: padding, not written
+) -> None:
+    """torch_ref.reshape_and_cache for a cache in the model's dtype, in one C++ call (the twin
+    serves everything else: quantized caches, strided rows)."""
+    if not (supports(key, key_cache) and value.dtype == key.dtype
+            and value_cache.dtype == key.dtype and key.stride(-1) == 1
+            and value.stride(-1) == 1 and key_cache.stride(-1) == 1
+            and value_cache.stride() == key_cache.stride()):
+        return torch_ref.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+    if not slots.is_contiguous():
+        slots = slots.contiguous()
+    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+    assert key.shape[0] == value.shape[0] == slots.shape[0], (key.shape, slots.shape)
+    elt = key.element_size()
+    bad = _LIBRARY.lib.pagedllm_reshape_and_cache(
+        key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+        slots.data_ptr(), slots.shape[0], num_kv_heads, head_dim * elt, num_blocks * block_size,
+        block_size, key.stride(0) * elt, key.stride(1) * elt, value.stride(0) * elt,
+        value.stride(1) * elt, *(s * elt for s in key_cache.stride()[:3]))
+    if bad:
+        raise IndexError("a slot of the slot mapping is past the cache")
 
 
 def _prompt_rows(block_tables: torch.Tensor, query_start_loc: torch.Tensor,

@@ -2,10 +2,10 @@
 
 At decode batch 1 a CPU step is bound by the bytes of weights it reads: fp32 SmolLM2-135M
 reads ~540 MB per token. Quantized after loading, in GGUF's block layouts (32 weights along
-the input dimension per block, fp32 scales here):
+the input dimension per block, fp16 scales as there):
 
-    q8_0  w = d * q,       q int8        36 bytes per 32 weights (fp32: 128)
-    q4_1  w = d * q + m,   q in 0..15    24 bytes per 32 weights
+    q8_0  w = d * q,       q int8        34 bytes per 32 weights (fp32: 128)
+    q4_1  w = d * q + m,   q in 0..15    20 bytes per 32 weights
 
 The matmul is csrc/quant_linear_cpu.cpp: each block is de-quantized in registers and used for
 several rows of x; the sums are fp32. It serves every M (prompts too), with one reduction order
@@ -20,7 +20,7 @@ costs in accuracy is measured in benchmarks/quant_accuracy.py.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +56,21 @@ def load_error() -> str | None:
 class QuantizedWeight:
     """A [N, K] weight in blocks of 32 along K. q8_0: qweight int8 [N, K], mins None;
     q4_1: qweight uint8 [N, K / 2] (byte j of a block: weight j low, j + 16 high), mins
-    [N, K / 32]. scales [N, K / 32] fp32."""
+    [N, K / 32] fp16. scales [N, K / 32] fp16."""
 
     method: str
     qweight: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None
     shape: tuple[int, int]  # (N, K)
+    # The kernel's weight arguments (data pointers), worked out once: a decode step makes
+    # ~120 of these calls, and each Python-side step costs about a microsecond.
+    pointers: tuple[int, int, int | None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pointers", (
+            self.qweight.data_ptr(), self.scales.data_ptr(),
+            None if self.mins is None else self.mins.data_ptr()))
 
     @property
     def nbytes(self) -> int:
@@ -77,7 +85,9 @@ def can_quantize(weight: torch.Tensor) -> bool:
 
 def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
     """Round-to-nearest per block, as llama.cpp's reference quantizers do: q8_0 scales the
-    block's largest magnitude to 127; q4_1 maps its range [min, max] onto 0..15."""
+    block's largest magnitude to 127; q4_1 maps its range [min, max] onto 0..15. Scales and
+    minimums are rounded to fp16 first and the weights rounded against those, so a weight that
+    is already on a block's fp16 grid (a GGUF file's own blocks) comes back exactly."""
     if method not in METHODS:
         raise ValueError(f"quantization must be one of {METHODS}, got {method!r}")
     if not can_quantize(weight):
@@ -86,19 +96,24 @@ def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
     n, k = weight.shape
     w = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
     if method == "q8_0":
-        scales = w.abs().amax(-1) / 127
-        inv = torch.where(scales > 0, 1 / scales, torch.zeros_like(scales))
-        q = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int8)
+        scales = (w.abs().amax(-1) / 127).half()
+        q = torch.round(w / _nonzero(scales)[..., None]).clamp(-127, 127).to(torch.int8)
         return QuantizedWeight(method, q.reshape(n, k).contiguous(), scales.contiguous(), None,
                                (n, k))
-    mins, maxs = w.amin(-1), w.amax(-1)
-    scales = (maxs - mins) / 15
-    inv = torch.where(scales > 0, 1 / scales, torch.zeros_like(scales))
-    q = torch.round((w - mins[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+    mins = w.amin(-1).half()
+    scales = ((w.amax(-1) - mins.float()) / 15).half()
+    q = torch.round((w - mins.float()[..., None]) / _nonzero(scales)[..., None])
+    q = q.clamp(0, 15).to(torch.uint8)
     half = BLOCK // 2
     packed = q[..., :half] | (q[..., half:] << 4)  # [N, K / 32, 16]
     return QuantizedWeight(method, packed.reshape(n, k // 2).contiguous(), scales.contiguous(),
                            mins.contiguous(), (n, k))
+
+
+def _nonzero(scales: torch.Tensor) -> torch.Tensor:
+    """fp32 scales with 0 (an all-zero block) replaced by 1: its weights round to q = 0."""
+    s = scales.float()
+    return torch.where(s > 0, s, torch.ones_like(s))
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
@@ -106,29 +121,31 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     n, k = qw.shape
     if qw.mins is None:
         q = qw.qweight.reshape(n, k // BLOCK, BLOCK).float()
-        return (q * qw.scales[..., None]).reshape(n, k)
+        return (q * qw.scales.float()[..., None]).reshape(n, k)
     b = qw.qweight.reshape(n, k // BLOCK, BLOCK // 2)
     q = torch.cat([b & 0xF, b >> 4], dim=-1).float()
-    return (q * qw.scales[..., None] + qw.mins[..., None]).reshape(n, k)
+    return (q * qw.scales.float()[..., None] + qw.mins.float()[..., None]).reshape(n, k)
 
 
 def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ W^T + bias in fp32, returned in x's dtype."""
-    shape = x.shape
     n, k = qw.shape
-    x2 = x.reshape(-1, k).float().contiguous()
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
     bias32 = None if bias is None else bias.float().contiguous()
-    if not load():
+    if _LIBRARY.lib is None and not load():
         out = F.linear(x2, dequantize(qw), bias32)
     else:
-        out = torch.empty((x2.shape[0], n), dtype=torch.float32)
-        if x2.shape[0]:
+        m = x2.shape[0]
+        out = torch.empty((m, n), dtype=torch.float32)
+        if m:
             _LIBRARY.lib.pagedllm_quant_linear(
-                x2.data_ptr(), qw.qweight.data_ptr(), qw.scales.data_ptr(),
-                None if qw.mins is None else qw.mins.data_ptr(),
-                None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-                x2.shape[0], n, k)
-    return out.to(x.dtype).reshape(*shape[:-1], n)
+                x2.data_ptr(), *qw.pointers, None if bias32 is None else bias32.data_ptr(),
+                out.data_ptr(), m, n, k)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
 
 def vectorized() -> bool:

@@ -168,3 +168,24 @@ def test_backend_takes_kernel_for_cpu_prompts(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+def test_kv_write_equals_the_twin(dtype, slot_dtype):
+    """The C++ KV write: rows to their slots (strided value rows out of a qkv tensor), padding
+    slots (-1) skipped, every other slot left as it was."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (6, 4, 3, 16)  # blocks, block size, KV heads, head dim
+    caches = [torch.randn(shape, generator=gen).to(dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    qkv = torch.randn(5, 5 * 3 * 16, generator=gen).to(dtype)
+    key = qkv[:, :48].view(5, 3, 16).clone()
+    value = qkv[:, 48:96].view(5, 3, 16)  # a strided view, as the attention layer passes it
+    slots = torch.tensor([9, -1, 0, 23, 14], dtype=slot_dtype)
+    cpu_kernels.reshape_and_cache(key, value, caches[0], caches[1], slots)
+    torch_ref.reshape_and_cache(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    with pytest.raises(IndexError, match="past the cache"):
+        cpu_kernels.reshape_and_cache(key, value, caches[0], caches[1],
+                                      torch.tensor([0, 1, 2, 3, 24]))

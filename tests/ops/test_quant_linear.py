@@ -25,26 +25,30 @@ def test_blocks_round_to_nearest(method):
     w = _weight(64, 96)
     qw = quantize(w, method)
     blocks = w.reshape(64, -1, BLOCK)
-    step = qw.scales[..., None]  # one quantization step per block
+    step = qw.scales.float()[..., None]  # one quantization step per block
+    # within half a step, plus what rounding the block's minimum (q4_1) and scale to fp16 moved
+    slack = 1e-6 + 16 * step * 2**-11
+    if qw.mins is not None:
+        slack = slack + (qw.mins.float() - blocks.amin(-1)).abs()[..., None]
     err = (dequantize(qw).reshape(blocks.shape) - blocks).abs()
-    assert (err <= step / 2 + 1e-6).all()
-    assert qw.nbytes < w.nbytes / (3.5 if method == "q8_0" else 5)
-    if method == "q4_1":  # each block's minimum and maximum are represented exactly
+    assert (err <= step / 2 + slack).all()
+    assert qw.nbytes < w.nbytes / (3.7 if method == "q8_0" else 6.3)
+    if method == "q4_1":  # each block's minimum and maximum, up to fp16 rounding
         got = dequantize(qw).reshape(blocks.shape)
-        torch.testing.assert_close(got.amin(-1), blocks.amin(-1), rtol=0, atol=1e-6)
-        torch.testing.assert_close(got.amax(-1), blocks.amax(-1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.amin(-1), blocks.amin(-1), rtol=2**-10, atol=1e-6)
+        torch.testing.assert_close(got.amax(-1), blocks.amax(-1), rtol=2**-9, atol=1e-5)
 
 
 def test_a_block_on_the_grid_round_trips():
     gen = torch.Generator().manual_seed(1)
     q = torch.randint(-127, 128, (8, 64), generator=gen).float()
     q[:, 0], q[:, 32] = 127, -127  # each block's largest magnitude sets its scale
-    w = q * 0.01
-    torch.testing.assert_close(dequantize(quantize(w, "q8_0")), w, rtol=0, atol=1e-7)
+    w = q * 0.0078125  # a scale fp16 holds exactly, as a GGUF file's own blocks have
+    assert torch.equal(dequantize(quantize(w, "q8_0")), w)
     nib = torch.randint(0, 16, (8, 64), generator=gen).float()
     nib[:, 0], nib[:, 1], nib[:, 32], nib[:, 33] = 0, 15, 0, 15
     w = nib * 0.25 - 1.0
-    torch.testing.assert_close(dequantize(quantize(w, "q4_1")), w, rtol=0, atol=1e-6)
+    assert torch.equal(dequantize(quantize(w, "q4_1")), w)
 
 
 def test_refuses_what_it_cannot_block():

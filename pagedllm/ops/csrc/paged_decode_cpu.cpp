@@ -282,3 +282,29 @@ extern "C" int pagedllm_paged_decode_attention(
   at::parallel_for(0, num_tasks, 1, [&](int64_t b, int64_t e) { fn(a, heads_per_task, b, e); });
   return bad_block.load() ? 1 : 0;
 }
+
+// The KV write (torch_ref.reshape_and_cache for a cache in the model's dtype): row t of key and
+// value goes to cache slot slots[t] (block slots[t] / block_size, offset slots[t] % block_size);
+// a negative slot (padding) is skipped. One call per layer instead of the twin's mask, gathers
+// and two index_put ops. Returns 1, writing nothing, if a slot is out of range.
+extern "C" int pagedllm_reshape_and_cache(
+    const char* key, const char* value, char* key_cache, char* value_cache,
+    const int64_t* slots, int64_t num_tokens, int64_t num_kv_heads, int64_t row_bytes,
+    int64_t num_slots, int64_t block_size, int64_t k_token_stride, int64_t k_head_stride,
+    int64_t v_token_stride, int64_t v_head_stride, int64_t c_block_stride,
+    int64_t c_token_stride, int64_t c_head_stride) {  // strides in bytes
+  for (int64_t t = 0; t < num_tokens; ++t)
+    if (slots[t] >= num_slots) return 1;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t s = slots[t];
+    if (s < 0) continue;
+    const int64_t at = (s / block_size) * c_block_stride + (s % block_size) * c_token_stride;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      std::memcpy(key_cache + at + h * c_head_stride, key + t * k_token_stride + h * k_head_stride,
+                  row_bytes);
+      std::memcpy(value_cache + at + h * c_head_stride,
+                  value + t * v_token_stride + h * v_head_stride, row_bytes);
+    }
+  }
+  return 0;
+}
