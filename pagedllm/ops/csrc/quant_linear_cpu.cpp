@@ -134,10 +134,6 @@ AVX512 INLINE void load_block(const Args& a, int64_t n, int64_t b, __m512& w_lo,
   }
 }
 
-// Output n for ROWS rows of x from row r0. ROWS is a compile-time constant so that the
-// accumulators live in registers; two per row (a block's low and high 16 weights) make two
-// independent FMA chains, so one row alone is not bound by the FMA latency. Each row's
-// instructions are the same whatever ROWS is: that is the batch invariance.
 // Ask for output n + AHEAD's blocks while n's are summed: a layer's weights come from DRAM
 // (a step reads ~100 MB), and the hardware prefetcher alone keeps too few lines in flight for
 // rows of a few hundred bytes.
@@ -154,6 +150,10 @@ AVX512 INLINE void prefetch_row(const Args& a, int64_t n) {
   }
 }
 
+// Output n for ROWS rows of x from row r0. ROWS is a compile-time constant so that the
+// accumulators live in registers; two per row (a block's low and high 16 weights) make two
+// independent FMA chains, so one row alone is not bound by the FMA latency. Each row's
+// instructions are the same whatever ROWS is: that is the batch invariance.
 template <bool Q4, int ROWS>
 AVX512 INLINE void rows_avx512(const Args& a, int64_t n, int64_t r0) {
   prefetch_row(a, n + AHEAD);
