@@ -77,20 +77,28 @@ def sharegpt_requests(tokenizer, n: int, max_output: int) -> list[tuple[list[int
 
 # ---- the roofline ------------------------------------------------------------------------------
 def gemm_rate(threads: int, dtype: str = "float32") -> float:
-    """Best GFLOP/s of F.linear in `dtype` over SmolLM2's projections at M = 512 rows (bf16
-    runs on AMX tiles where the CPU has them: several times the fp32 rate)."""
+    """Best GFLOP/s in `dtype` over SmolLM2's projections at M = 512 rows, of MKL's F.linear
+    and oneDNN's packed GEMM (whichever this CPU runs faster: MKL is slow off Intel; bf16 runs
+    on AMX tiles where the CPU has them, several times the fp32 rate)."""
     import torch
+
+    from pagedllm.ops import gemm
 
     torch.set_num_threads(threads)
     best = 0.0
     dt = getattr(torch, dtype)
     for k, n in [(576, 960), (576, 3072), (1536, 576), (576, 49152)]:
         x, w = torch.randn(512, k, dtype=dt), torch.randn(n, k, dtype=dt)
-        torch.nn.functional.linear(x, w)
-        for _ in range(3):
-            t = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            best = max(best, 2 * 512 * k * n / (time.perf_counter() - t) / 1e9)
+        packed = gemm.prepack(w)
+        kernels = [lambda: torch.nn.functional.linear(x, w)]
+        if packed is not None:
+            kernels.append(lambda: gemm._packed_linear(x, packed, None))
+        for kernel in kernels:
+            kernel()
+            for _ in range(3):
+                t = time.perf_counter()
+                kernel()
+                best = max(best, 2 * 512 * k * n / (time.perf_counter() - t) / 1e9)
     return best
 
 

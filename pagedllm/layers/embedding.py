@@ -6,10 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.ops import gemm
 from pagedllm.distributed.parallel_state import (
-    get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce,
+    get_tp_rank,
+    get_tp_size,
+    tp_all_gather,
+    tp_all_reduce,
 )
+from pagedllm.ops import gemm
 
 
 class VocabParallelEmbedding(nn.Module):

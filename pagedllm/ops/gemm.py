@@ -8,16 +8,20 @@ matmul has a faster kernel on its device.
   cache-cold weights) and for every M <= 256 in bf16, where it runs on AMX tiles (1.4x at
   M = 1 and 32, 1.5x at 256 against bf16 F.linear). One or two fp32 rows stay on MKL's sgemv,
   which streams the plain layout at ~24 GB/s where oneDNN's packed GEMV reads ~15 GB/s
-  (17.9 vs 28.9 ms per decode step's weights). The packed copy doubles the linear layers'
-  weight memory on CPU; PAGEDLLM_CPU_PACKED_GEMM=0 turns it off.
+  (17.9 vs 28.9 ms per decode step's weights). All of that was measured on an Intel Xeon.
+  MKL runs its fast AVX-512 code on Intel CPUs only: on a 2-core AMD EPYC oneDNN's packed
+  GEMM is faster at every M (fp32: 15.0 vs 27.2 ms for one row of 30 layers' weights, 1.06
+  vs 2.54 s for 2,048 rows; bf16 9.6 vs 14.0 ms and 0.55 vs 0.60 s), so off Intel every M is
+  packed. The packed copy doubles the linear layers' weight memory on CPU;
+  PAGEDLLM_CPU_PACKED_GEMM=0 turns it off.
 - CUDA (Hopper): M <= 16 rows (decode at small batch) go to the Triton skinny GEMM
   (ops/triton/skinny_gemm.py), which streams the weight without cuBLAS's split-K reduce;
   PAGEDLLM_SKINNY_GEMM=0 (or `set_skinny_enabled(False)`) keeps cuBLAS.
 
 - Quantized weights (`--quantization`, CPU): every M takes ops/quant_linear.py.
 
-Large-M matmuls (prefill) keep F.linear everywhere: they are compute-bound, and on CPU that is
-what HF transformers runs, bit for bit. Except in batch-invariant mode (ops/batch_invariant.py):
+Large-M matmuls (prefill) keep F.linear on Intel CPUs and CUDA: they are compute-bound, and on
+CPU that is what HF transformers runs, bit for bit. Except in batch-invariant mode (ops/batch_invariant.py):
 there every M takes the packed path, whose per-row reduction order does not depend on M, and a
 single row goes in as a pair (oneDNN's one-row GEMV reduces in another order).
 """
@@ -37,8 +41,25 @@ try:
 except ImportError:  # no triton
     _skinny = None
 
-SMALL_M = 256  # above this, F.linear is as fast on CPU (measured on a 2-core AVX-512 Xeon)
-FP32_GEMV_M = 2  # at most this many fp32 rows: MKL's sgemv beats the packed GEMV (see above)
+
+
+
+def _intel_cpu() -> bool:
+    """MKL (F.linear's CPU GEMM) takes its fast AVX-512 code on Intel CPUs only; elsewhere
+    (AMD EPYC, 2 cores: prompts 1.4x slower, one row 2x, than oneDNN) every M is packed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" in f.read(4096)
+    except OSError:
+        return False
+
+
+_MKL_FAST = _intel_cpu()
+# Rows above which F.linear is as fast on CPU (measured on a 2-core AVX-512 Xeon); no limit
+# where MKL is slow.
+SMALL_M = 256 if _MKL_FAST else 2**62
+# At most this many fp32 rows take MKL's sgemv, which beats the packed GEMV on Intel (above).
+FP32_GEMV_M = 2 if _MKL_FAST else 0
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 _ENABLED = os.environ.get("PAGEDLLM_CPU_PACKED_GEMM", "1") != "0"
 _skinny_enabled = os.environ.get("PAGEDLLM_SKINNY_GEMM", "1") != "0" and _skinny is not None
@@ -61,7 +82,7 @@ def prepack(weight: torch.Tensor, quantization: str | None = None
             and torch.backends.mkldnn.is_available()):
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), SMALL_M)
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 256)  # a row-count hint
     except (RuntimeError, AttributeError):  # a torch build without these ops
         return None
 
