@@ -12,9 +12,11 @@ requests ran beside it. Two kernels decide a row's reduction order; the mode pin
   masked chunk over cached blocks differ). In the mode every query row, of a prompt, a chunk or a
   decode step, goes through the one C++ paged kernel, as a one-token query over its own context.
 
-The rest is row-local already: RMSNorm, rotary, SiLU, log_softmax/softmax over the vocabulary
-(torch splits rows between threads, never a row), and seeded sampling draws from each request's
-own generator. tests/test_batch_invariance_*.py check the whole path bit for bit.
+Quantized weights (`--quantization`, ops/quant_linear.py) take one C++ matmul for every M, with
+the same instructions per row whatever M is, so they need nothing more. The rest is row-local
+already: RMSNorm, rotary, SiLU (PyTorch's or the C++ ops of ops/cpu_layer_ops.py),
+log_softmax/softmax over the vocabulary (torch splits rows between threads, never a row), and
+seeded sampling draws from each request's own generator. tests/test_batch_invariance_*.py check the whole path bit for bit.
 
 The ModelRunner resolves EngineConfig.batch_invariant once (`resolve`) and runs each step's
 forward pass inside `scope(on)`, so engines with and without the mode can share a process; the
@@ -39,7 +41,7 @@ def resolve(on: bool | None, device: torch.device, dtype: torch.dtype,
     None (the default: on where it can be, quietly off elsewhere: a GPU, bf16, a quantized
     cache, no compiler for the C++ kernel).
 
-    Its cost on 2 quiet cores, wall time (docs/benchmarks.md, CPU peers): +4% on 32 random
+    Its cost on 2 quiet cores of an Intel Xeon, wall time (docs/benchmarks.md, CPU peers): +4% on 32 random
     prompts of 32-256 tokens x 64, none on the first 64 ShareGPT requests (medians of three
     runs): under the 10% that makes it the CPU default. Batch-1 decode pays more, +36% (44.6
     against 32.9 ms/token): outside the mode one row takes MKL's sgemv, which reads the weights faster than
