@@ -93,7 +93,14 @@ def _check(device: torch.device, dtype: torch.dtype, kv_cache_dtype: torch.dtype
 
 def _check_model(model: torch.nn.Module) -> None:
     from pagedllm.layers.moe import MoEExperts
+    from pagedllm.ops import quant_linear
 
+    quantized = any(isinstance(getattr(m, "packed_weight", None), quant_linear.QuantizedWeight)
+                    for m in model.modules())
+    if quantized and not quant_linear.load():
+        # NOTE: the twin (de-quantize + F.linear) reduces in MKL's M-dependent order
+        raise RuntimeError("batch_invariant=True with quantized weights needs the C++ quantized "
+                           f"kernel, which is unavailable: {quant_linear.load_error()}")
     if any(isinstance(m, MoEExperts) for m in model.modules()):
         # NOTE: experts run F.linear on however many tokens routed to them: not row-invariant.
         raise NotImplementedError("batch_invariant=True does not cover mixture-of-experts "

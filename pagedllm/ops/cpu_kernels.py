@@ -123,7 +123,9 @@ def reshape_and_cache(
     if not (supports(key, key_cache) and value.dtype == key.dtype
             and value_cache.dtype == key.dtype and key.stride(-1) == 1
             and value.stride(-1) == 1 and key_cache.stride(-1) == 1
-            and value_cache.stride() == key_cache.stride()):
+            and value_cache.stride() == key_cache.stride()
+            and key.shape[1:] == value.shape[1:] == key_cache.shape[2:]
+            and value_cache.shape == key_cache.shape):
         return torch_ref.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
     if not slots.is_contiguous():

@@ -68,9 +68,18 @@ class QuantizedWeight:
     pointers: tuple[int, int, int | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        n, k = self.shape
+        q4 = self.method == "q4_1"
+        assert self.qweight.is_contiguous() and self.qweight.shape == (n, k // 2 if q4 else k)
+        assert self.qweight.dtype == (torch.uint8 if q4 else torch.int8)
+        for t in (self.scales,) + ((self.mins,) if q4 else ()):
+            assert t.dtype == torch.float16 and t.is_contiguous() and t.shape == (n, k // BLOCK)
         object.__setattr__(self, "pointers", (
             self.qweight.data_ptr(), self.scales.data_ptr(),
             None if self.mins is None else self.mins.data_ptr()))
+
+    def __reduce__(self):  # a copy (deepcopy, pickle) works out its own tensors' pointers
+        return QuantizedWeight, (self.method, self.qweight, self.scales, self.mins, self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -80,7 +89,8 @@ class QuantizedWeight:
 
 def can_quantize(weight: torch.Tensor) -> bool:
     """A 2-D CPU weight whose input dimension fills whole blocks."""
-    return weight.dim() == 2 and weight.device.type == "cpu" and weight.shape[1] % BLOCK == 0
+    return (weight.dim() == 2 and weight.device.type == "cpu" and weight.shape[1] > 0
+            and weight.shape[1] % BLOCK == 0)
 
 
 def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
@@ -130,6 +140,8 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
 def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ W^T + bias in fp32, returned in x's dtype."""
     n, k = qw.shape
+    if x.shape[-1] != k:  # the kernel would read past x's rows
+        raise ValueError(f"input of {x.shape[-1]} features for a {n} x {k} quantized weight")
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()

@@ -125,3 +125,17 @@ def test_engine_refuses_quantization_it_does_not_have():
         EngineArgs(load_format="dummy", quantization="awq").create_engine_config()
     with pytest.raises(ValueError, match="not implemented"):
         EngineArgs(load_format="simulate", quantization="q8_0").create_engine_config()
+
+
+@needs_kernel
+def test_a_copy_points_at_its_own_tensors():
+    import copy
+    import pickle
+
+    qw = quantize(_weight(16, 64), "q4_1")
+    for twin in (copy.deepcopy(qw), pickle.loads(pickle.dumps(qw))):
+        assert twin.pointers[0] == twin.qweight.data_ptr() != qw.pointers[0]
+        x = torch.randn(3, 64)
+        assert torch.equal(quant_linear.linear(x, twin, None), quant_linear.linear(x, qw, None))
+    with pytest.raises(ValueError, match="features"):
+        quant_linear.linear(torch.randn(2, 32), qw, None)
