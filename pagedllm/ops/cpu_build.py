@@ -84,13 +84,16 @@ class CppLibrary:
 
     def _build_directory(self) -> Path:
         """Under torch's extensions root (TORCH_EXTENSIONS_DIR, as cpp_extension reads it), one
-        directory per Python and torch version (the library links against libtorch) and source.
+        directory per Python and torch version (the library links against libtorch) and source
+        (with the shared headers).
         A lock file left by a killed build would make every later load wait on it forever: one
         older than any real build is removed."""
         from torch.utils.cpp_extension import get_default_build_root
 
         version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
-        digest = hashlib.sha256(self.source.read_bytes()).hexdigest()[:12]  # a change rebuilds
+        # a change to the source or to a header the sources share (csrc/*.h) rebuilds
+        text = self.source.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+        digest = hashlib.sha256(text).hexdigest()[:12]
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
         path = Path(root) / f"{self.name}_{version.replace('+', '_')}_{digest}"
         path.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,6 @@ _ptr, _i64 = ctypes.c_void_p, ctypes.c_int64
 def _declare(lib: ctypes.CDLL) -> None:
     lib.pagedllm_quant_linear.argtypes = [_ptr] * 6 + [_i64] * 3
     lib.pagedllm_quant_linear.restype = None
-    lib.pagedllm_quant_linear_vectorized.argtypes = []
-    lib.pagedllm_quant_linear_vectorized.restype = ctypes.c_int
 
 
 _LIBRARY = CppLibrary("pagedllm_quant_linear", "quant_linear_cpu.cpp",
@@ -159,7 +157,3 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> t
         out = out.to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
-
-def vectorized() -> bool:
-    """Whether this machine runs the kernel's AVX-512 copy (else its portable loops)."""
-    return load() and bool(_LIBRARY.lib.pagedllm_quant_linear_vectorized())

@@ -14,6 +14,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.ops import quant_linear
 
 from ..conftest import SMALL_ENGINE
+from .test_cpu_bf16 import follows_by_top5
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not quant_linear.load(), reason="no C++ quantized kernel")]
@@ -40,15 +41,7 @@ def test_quantized_default_model_follows_fp32(default_llm, chat_prompt_ids, meth
     for a, b in zip(alone, together):  # bitwise, whatever shares the step
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
-    whole = 0
-    for i, (want, out) in enumerate(zip(expected, together)):
-        got = out.outputs[0].token_ids
-        at = next((j for j, (x, y) in enumerate(zip(want, got)) if x != y), None)
-        if at is None:
-            whole += 1
-            continue
-        top5 = out.outputs[0].logprobs[at]
-        assert want[at] in top5, f"prompt {i}: fp32's token {want[at]} at {at} not in {top5}"
+    whole = follows_by_top5(expected, together, "fp32")
     assert whole >= min_whole, f"only {whole}/{len(prompts)} agree with fp32 for {TOKENS} tokens"
 
 

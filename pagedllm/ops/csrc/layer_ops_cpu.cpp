@@ -28,27 +28,11 @@
 #include <cstdint>
 #include <cstring>
 
-#define INLINE inline __attribute__((always_inline))
+#include "cpu_common.h"
 
 namespace {
 
-using bf16_bits = uint16_t;
-
-INLINE float to_float(float x) { return x; }
-INLINE float to_float(bf16_bits x) {
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-INLINE void store(float* p, float x) { *p = x; }
-INLINE void store(bf16_bits* p, float x) {  // round to nearest even, as c10::BFloat16 does
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const uint32_t rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
-  *p = std::isnan(x) ? bf16_bits{0x7fc0} : static_cast<bf16_bits>(rounded);
-}
+using namespace pagedllm_cpu;
 
 // x rounded to T and widened back: where the twin stores an intermediate tensor of dtype T.
 template <typename T>
@@ -58,15 +42,7 @@ INLINE float round_as(float x) {
   return to_float(t);
 }
 
-// W independent partial sums so that -O3 vectorizes the sum without reassociating one running
-// sum (which needs -ffast-math); their order is fixed, so the result is too.
-constexpr int W = 16;
-
-INLINE float sum_lanes(float* acc) {  // tree sum of W partials (W a power of two)
-  for (int w = W / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  return acc[0];
-}
+constexpr int W = 16;  // partial sums of RMSNorm's sum of squares (cpu_common.h: sum_lanes)
 
 // a * b + c: one fused multiply-add where the instruction set has it (kFma: the AVX2 and AVX-512
 // copies), else two roundings. Only for arithmetic of this file's own (exp), never the twins'.
@@ -133,7 +109,7 @@ struct RmsNorm {
         }
       for (; d < n; ++d) acc[0] += to_float(src[d]) * to_float(src[d]);
       // PyTorch's CPU mean is the sum divided by n; its rsqrt is 1 / sqrt.
-      const float rstd = 1.f / std::sqrt(sum_lanes(acc) / static_cast<float>(n) + eps);
+      const float rstd = 1.f / std::sqrt(sum_lanes<W>(acc) / static_cast<float>(n) + eps);
       if (weight == nullptr) {
         for (d = 0; d < n; ++d) store(o + d, to_float(src[d]) * rstd);
       } else {

@@ -28,37 +28,13 @@
 #include <cstring>
 #include <vector>
 
-#define INLINE inline __attribute__((always_inline))
+#include "cpu_common.h"
 
 namespace {
 
-using bf16_bits = uint16_t;
+using namespace pagedllm_cpu;
 
-INLINE float to_float(float x) { return x; }
-INLINE float to_float(bf16_bits x) {
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-INLINE void store(float* p, float x) { *p = x; }
-INLINE void store(bf16_bits* p, float x) {  // round to nearest even, as c10::BFloat16 does
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const uint32_t rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
-  *p = std::isnan(x) ? bf16_bits{0x7fc0} : static_cast<bf16_bits>(rounded);
-}
-
-// Reductions keep W independent partial sums (one or two vector registers) so that -O3
-// vectorizes them without reassociating a single running sum (which needs -ffast-math).
-constexpr int W = 8;
-
-INLINE float sum_lanes(float* acc) {  // tree sum of W partials (W a power of two)
-  for (int w = W / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  return acc[0];
-}
+constexpr int W = 8;  // partial sums of a reduction: one or two vector registers
 
 template <typename T>
 INLINE float dot(const float* q, const T* k, int64_t n) {  // q . k over n elements
@@ -67,7 +43,7 @@ INLINE float dot(const float* q, const T* k, int64_t n) {  // q . k over n eleme
   for (; d + W <= n; d += W)
     for (int j = 0; j < W; ++j) acc[j] += q[d + j] * to_float(k[d + j]);
   for (; d < n; ++d) acc[0] += q[d] * to_float(k[d]);
-  return sum_lanes(acc);
+  return sum_lanes<W>(acc);
 }
 
 // NOTE: a ?: on values, not std::max (which returns a reference): GCC vectorizes only the former.
@@ -111,7 +87,7 @@ INLINE float exp_sum(float* x, int64_t n, float m) {
   for (; t + W <= n; t += W)
     for (int j = 0; j < W; ++j) acc[j] += x[t + j];
   for (; t < n; ++t) acc[0] += x[t];
-  return sum_lanes(acc);
+  return sum_lanes<W>(acc);
 }
 
 // Pull one row into the cache ahead of use.

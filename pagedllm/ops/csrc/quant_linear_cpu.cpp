@@ -27,7 +27,7 @@
 #include <cstdint>
 #include <cstring>
 
-#define INLINE inline __attribute__((always_inline))
+#include "cpu_common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -38,7 +38,6 @@ namespace {
 
 constexpr int64_t QK = 32;  // weights per block
 constexpr int64_t R = 8;    // rows of x sharing one de-quantized block (at most)
-constexpr int64_t MT = R;   // rows of x per pass over the weights: R x K fp32 stay in L1
 
 struct Args {
   const float* x;      // [M, K]
@@ -90,9 +89,9 @@ inline void dequant_block(const Args& a, int64_t n, int64_t b, float* w) {
 void range_portable(const Args& a, int64_t n0, int64_t n1) {
   const int64_t nb = a.K / QK;
   float w[QK];
-  for (int64_t t0 = 0; t0 < a.M; t0 += MT)
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t r0 = t0; r0 < std::min(a.M, t0 + MT); r0 += R) {
+  // Rows outer, outputs inner: one tile's R x K of x stays in L1 while the weights stream.
+  for (int64_t r0 = 0; r0 < a.M; r0 += R)
+    for (int64_t n = n0; n < n1; ++n) {
       const int64_t rows = std::min(R, a.M - r0);
       float acc[R][8] = {};
       for (int64_t b = 0; b < nb; ++b) {
@@ -175,12 +174,10 @@ AVX512 INLINE void rows_avx512(const Args& a, int64_t n, int64_t r0) {
 
 template <bool Q4>
 AVX512 void range_avx512(const Args& a, int64_t n0, int64_t n1) {
-  for (int64_t t0 = 0; t0 < a.M; t0 += MT) {
-    const int64_t t1 = std::min(a.M, t0 + MT);
+  // Rows outer, outputs inner: one tile's R x K of x stays in L1 while the weights stream.
+  for (int64_t r0 = 0; r0 < a.M; r0 += R)
     for (int64_t n = n0; n < n1; ++n) {
-      int64_t r0 = t0;
-      for (; r0 + R <= t1; r0 += R) rows_avx512<Q4, R>(a, n, r0);
-      switch (t1 - r0) {  // the tile's last rows
+      switch (std::min(R, a.M - r0)) {  // a full tile, or the last rows
         case 1: rows_avx512<Q4, 1>(a, n, r0); break;
         case 2: rows_avx512<Q4, 2>(a, n, r0); break;
         case 3: rows_avx512<Q4, 3>(a, n, r0); break;
@@ -188,10 +185,9 @@ AVX512 void range_avx512(const Args& a, int64_t n0, int64_t n1) {
         case 5: rows_avx512<Q4, 5>(a, n, r0); break;
         case 6: rows_avx512<Q4, 6>(a, n, r0); break;
         case 7: rows_avx512<Q4, 7>(a, n, r0); break;
-        default: break;
+        default: rows_avx512<Q4, R>(a, n, r0); break;
       }
     }
-  }
 }
 #endif
 
@@ -209,11 +205,6 @@ RangeFn pick(bool q4) {
 }
 
 }  // namespace
-
-// 1 if this machine runs the AVX-512 copy, else 0 (the portable loops).
-extern "C" int pagedllm_quant_linear_vectorized() {
-  return pick(false) != &range_portable ? 1 : 0;
-}
 
 // y[M, N] = x[M, K] W^T + bias. K is a multiple of 32 (the caller checks). m == null: q8_0.
 extern "C" void pagedllm_quant_linear(const float* x, const void* q, const uint16_t* d,
