@@ -28,6 +28,7 @@ from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding, partial_rotary_factor, rope_config
 from pagedllm.models.config_check import Supports
 from pagedllm.models.utils import LLAMA_PACKED_MODULES, load_params, packed
+from pagedllm.ops.cpu_decoder import DecoderStack
 
 
 class LlamaMLP(nn.Module):
@@ -115,11 +116,22 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList([layer_cls(config, qkv_bias, qk_norm, layer_idx=i)
                                      for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # On a CPU with quantized weights, the layers below can run as one C++ call of the same
+        # kernels (ops/cpu_decoder.py checks the rest); only for layers that are these classes.
+        plain = all(type(layer).forward is LlamaDecoderLayer.forward
+                    and type(layer.self_attn).forward is LlamaAttention.forward
+                    and type(layer.mlp) is LlamaMLP for layer in self.layers)
+        self.cpu_stack = DecoderStack(self.layers) if plain else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        stacked = self.cpu_stack(positions, hidden) if self.cpu_stack is not None else None
+        if stacked is not None:
+            hidden, residual = stacked
+        else:
+            residual = None
+            for layer in self.layers:
+                hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

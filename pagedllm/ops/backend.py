@@ -63,6 +63,12 @@ def forced_backend() -> str | None:
     return _OVERRIDE
 
 
+def cpu_prefill_kernel() -> bool:
+    """Whether CPU prompts take the C++ kernel outside batch-invariant mode (where it takes
+    the cache): PAGEDLLM_CPU_PREFILL_KERNEL unset."""
+    return _CPU_PREFILL_KERNEL
+
+
 def get_backend_name(device: torch.device | str) -> str:
     """'triton' or 'torch': which implementation ops on `device` run."""
     return "triton" if _use_triton(torch.device(device)) else "torch"

@@ -142,7 +142,7 @@ def reshape_and_cache(
         raise IndexError("a slot of the slot mapping is past the cache")
 
 
-def _prompt_rows(block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+def prompt_rows(block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                  seq_lens: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(rows, each row's block table [T, M], each row's context length [T] int32): the same in
     every layer of a forward pass, so worked out once per pass."""
@@ -180,7 +180,7 @@ def paged_prefill_attention(
     seq_lens[s] - (end[s] - t), so its context is the first seq_lens[s] - end[s] + t + 1 tokens.
     It reads its K/V once per row instead of once per chunk: O(q_len * context) reads, which
     for prompts of a few hundred tokens stay in the L2 cache."""
-    num_tokens, row_tables, row_lens = _prompt_rows(block_tables, query_start_loc, seq_lens)
+    num_tokens, row_tables, row_lens = prompt_rows(block_tables, query_start_loc, seq_lens)
     out = paged_decode_attention(query[:num_tokens], key_cache, value_cache, row_tables,
                                  row_lens, scale, max_seq_len, sliding_window)
     if num_tokens == query.shape[0]:
