@@ -200,7 +200,10 @@ class DecoderStack:
             return None
         rows: list[_Layer] = []
         eps = self.layers[0].input_layernorm.eps
-        hidden, inter = self.layers[0].mlp.down_proj.packed_weight.shape
+        down = getattr(self.layers[0].mlp.down_proj, "packed_weight", None)
+        if not isinstance(down, QuantizedWeight):
+            return None
+        hidden, inter = down.shape
         q_size, kv_size = first.q_size, first.kv_size
         # (N, K) of q/k/v, o, gate/up and down
         expected = [(q_size + 2 * kv_size, hidden), (hidden, q_size), (2 * inter, hidden),
