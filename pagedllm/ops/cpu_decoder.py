@@ -22,6 +22,7 @@ import; `set_enabled` for tests and benchmarks).
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 
 import torch
@@ -74,7 +75,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 _LIBRARY = CppLibrary("pagedllm_cpu_decoder", "decoder_cpu.cpp", "CPU decoder stack", _declare)
-_ERRORS = {1: "a position is out of the rotary tables",
+_ERRORS = {1: "a position is out of the rotary tables' {}",
            2: "a slot of the slot mapping is past the cache",
            3: "a block table entry of a used block is out of range"}
 
@@ -123,29 +124,35 @@ class DecoderStack:
 
     def __init__(self, layers: torch.nn.ModuleList) -> None:
         self.layers = layers
-        # The structures the C++ reads, worked out at the first pass after a KV cache is bound
-        # (the weights are final by then: prepacked or quantized after loading).
-        self._bound: tuple[torch.Tensor | None, ...] = ()
-        self._table: tuple[_Kernels, ctypes.Array, _Shapes, torch.Tensor] | None = None
+        # The structures the C++ reads, worked out again whenever a KV cache or a prepared
+        # weight is another object than at the last build; `_bound` holds those objects, so no
+        # pointer of the table outlives its memory. (Norm weights and biases are parameters,
+        # read at the build: the engine never replaces them after loading.)
+        self._bound: list[object] = []
+        self._table: tuple[_Kernels, ctypes.Array, _Shapes, tuple] | None = None
         self._rotary = layers[0].self_attn.rotary_emb if len(layers) else None
         # NOTE: plain attributes read per pass: nn.Module's __getattr__ on 2 x 30 submodules
         # cost ~60 us a pass
         self._attns = [layer.self_attn.attn for layer in layers]
+        self._linears = [m for layer in layers for m in (
+            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+            layer.mlp.down_proj)]
 
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not (_enabled and hidden.dtype == torch.float32 and hidden.is_cpu
                 and fused.is_enabled() and backend.forced_backend() is None):
             return None
-        attns, bound = self._attns, self._bound
-        if len(bound) != len(attns) or any(a.kv_cache is not b for a, b in zip(attns, bound)):
-            self._table, self._bound = self._build(), tuple(a.kv_cache for a in attns)
+        bound = [a.kv_cache for a in self._attns] + [m.packed_weight for m in self._linears]
+        if len(bound) != len(self._bound) or any(map(operator.is_not, bound, self._bound)):
+            self._table, self._bound = self._build(), bound
         if self._table is None:
             return None
         kernels, layer_table, shapes, cos_sin = self._table
         meta = get_attention_metadata()
         num_tokens = hidden.shape[0]
-        if meta.max_seq_len is None or not hidden.is_contiguous():
+        if (meta.max_seq_len is None or not hidden.is_contiguous() or hidden.dim() != 2
+                or hidden.shape[1] != shapes.hidden):
             return None
         if meta.is_decode_only:
             tables, lens = meta.block_tables, meta.seq_lens
@@ -170,10 +177,14 @@ class DecoderStack:
         slots = meta.slot_mapping
         if slots.dtype != torch.int64 or not slots.is_contiguous():
             slots = slots.long().contiguous()
+        if not slots.shape[0] == positions.shape[0] == num_tokens:  # the C++ reads T of each
+            raise ValueError(f"{slots.shape[0]} slots and {positions.shape[0]} positions for "
+                             f"{num_tokens} tokens")
         h, qkv = shapes.hidden, (shapes.num_heads + 2 * shapes.num_kv_heads) * shapes.head_dim
         q, kv, inter = shapes.num_heads * shapes.head_dim, shapes.num_kv_heads * shapes.head_dim, \
             shapes.intermediate
-        scratch = torch.empty(num_tokens * (5 * h + qkv + 2 * q + kv + 3 * inter))
+        scratch = torch.empty(num_tokens * (5 * h + qkv + 2 * q + kv + 3 * inter),
+                              dtype=torch.float32)
         out, residual = torch.empty_like(hidden), torch.empty_like(hidden)
         cos, sin = cos_sin
         step = _Step(hidden.data_ptr(), out.data_ptr(), residual.data_ptr(), scratch.data_ptr(),
@@ -183,7 +194,7 @@ class DecoderStack:
         if num_tokens:
             bad = _LIBRARY.lib.pagedllm_decoder_forward(kernels, layer_table, shapes, step)
             if bad:
-                raise IndexError(_ERRORS[bad])
+                raise IndexError(_ERRORS[bad].format(shapes.num_positions))
         return out, residual
 
     def _build(self) -> tuple[_Kernels, ctypes.Array, _Shapes, tuple] | None:

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.skipif(not (quant_linear.load() and cpu_decoder._kernel
                                 reason="no C++ CPU kernels")
 
 VOCAB = 384
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+# head_dim 32: the attention kernel's AVX-512 task where the CPU has it, two query heads a KV head
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=256,
             initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 FAMILIES = {
     "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig, {}),
@@ -129,6 +130,24 @@ def test_stack_declines_what_it_does_not_run(checkpoint):
         llm.shutdown()
 
 
+def test_stack_follows_weights_prepared_again(checkpoint):
+    """Re-preparing the weights (q4_1 -> q8_0) rebuilds the stack's table: it then runs the new
+    blocks, equal to the module path, never the freed old ones."""
+    llm = LLM(checkpoint("llama"), quantization="q4_1", seed=0, **SMALL_ENGINE)
+    model = llm.llm_engine.engine_core.executor.runner.model.model
+    try:
+        _run(llm, True)
+        for module in model.modules():
+            if hasattr(module, "prepack"):
+                module.prepack("q8_0")
+        with_stack = _run(llm, True)
+        assert model.cpu_stack._table is not None
+        assert model.cpu_stack._bound[-1] is model.layers[-1].mlp.down_proj.packed_weight
+        assert with_stack == _run(llm, False)
+    finally:
+        llm.shutdown()
+
+
 def test_stack_refuses_a_slot_past_the_cache(checkpoint):
     """A bad slot is the KV write's error, raised before anything is written."""
     llm = LLM(checkpoint("llama"), quantization="q4_1", seed=0, **SMALL_ENGINE)
@@ -145,5 +164,7 @@ def test_stack_refuses_a_slot_past_the_cache(checkpoint):
         with forward_context(meta), pytest.raises(IndexError, match="past the cache"):
             model.cpu_stack(torch.zeros(1, dtype=torch.int64), torch.zeros(1, 64))
         assert torch.equal(cache, before)
+        with forward_context(meta), pytest.raises(ValueError, match="2 positions for 1 tokens"):
+            model.cpu_stack(torch.zeros(2, dtype=torch.int64), torch.zeros(1, 64))
     finally:
         llm.shutdown()
