@@ -130,7 +130,6 @@ class DecoderStack:
         # read at the build: the engine never replaces them after loading.)
         self._bound: list[object] = []
         self._table: tuple[_Kernels, ctypes.Array, _Shapes, tuple] | None = None
-        self._rotary = layers[0].self_attn.rotary_emb if len(layers) else None
         # NOTE: plain attributes read per pass: nn.Module's __getattr__ on 2 x 30 submodules
         # cost ~60 us a pass
         self._attns = [layer.self_attn.attn for layer in layers]
@@ -163,20 +162,14 @@ class DecoderStack:
                 return None
         else:
             return None
-        # As cpu_kernels.paged_decode_attention prepares them for the kernel
-        tables = tables.to(torch.int32)
-        if tables.stride(-1) != 1:
-            tables = tables.contiguous()
-        lens = lens.to(torch.int32).contiguous()
+        tables, lens, max_len = cpu_kernels.kernel_tables(tables, lens, shapes.block_size,
+                                                          meta.max_seq_len)
         if tables.shape[0] != lens.shape[0] or (meta.is_decode_only
                                                 and lens.shape[0] != num_tokens):
             return None
-        max_len = min(tables.shape[1] * shapes.block_size, meta.max_seq_len)
         if positions.dtype != torch.int64 or not positions.is_contiguous():
             positions = positions.to(torch.int64).contiguous()
-        slots = meta.slot_mapping
-        if slots.dtype != torch.int64 or not slots.is_contiguous():
-            slots = slots.long().contiguous()
+        slots = cpu_kernels.kernel_slots(meta.slot_mapping)
         if not slots.shape[0] == positions.shape[0] == num_tokens:  # the C++ reads T of each
             raise ValueError(f"{slots.shape[0]} slots and {positions.shape[0]} positions for "
                              f"{num_tokens} tokens")
@@ -206,7 +199,7 @@ class DecoderStack:
         cache = first.attn.kv_cache
         if cache is None or cache.dtype != torch.float32 or cache.stride(-1) != 1:
             return None
-        rotary = self._rotary
+        rotary = first.rotary_emb
         if not (rotary.rotary_dim == rotary.head_dim and rotary.cos_cache.is_contiguous()
                 and rotary.cos_cache.dtype == torch.float32
                 and rotary.sin_cache.stride() == rotary.cos_cache.stride()

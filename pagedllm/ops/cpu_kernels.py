@@ -88,14 +88,8 @@ def paged_decode_attention(
     assert num_heads % num_kv_heads == 0 and block_tables.shape[0] == seq_lens.shape[0] == num_seqs
     if query.stride(-1) != 1:
         query = query.contiguous()
-    block_tables = block_tables.to(torch.int32)
-    if block_tables.stride(-1) != 1:
-        block_tables = block_tables.contiguous()
-    seq_lens = seq_lens.to(torch.int32).contiguous()
-    # The twin clips its bound to the block tables' width; max_seq_len bounds every sequence.
-    max_len = block_tables.shape[1] * block_size
-    if max_seq_len is not None:
-        max_len = min(max_len, max_seq_len)
+    block_tables, seq_lens, max_len = kernel_tables(block_tables, seq_lens, block_size,
+                                                    max_seq_len)
     window = max_len if sliding_window is None else sliding_window  # a window >= len: all keys
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype)
     if num_seqs == 0:
@@ -127,9 +121,7 @@ def reshape_and_cache(
             and key.shape[1:] == value.shape[1:] == key_cache.shape[2:]
             and value_cache.shape == key_cache.shape):
         return torch_ref.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
-    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
-    if not slots.is_contiguous():
-        slots = slots.contiguous()
+    slots = kernel_slots(slot_mapping)
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
     assert key.shape[0] == value.shape[0] == slots.shape[0], (key.shape, slots.shape)
     elt = key.element_size()
@@ -140,6 +132,26 @@ def reshape_and_cache(
         value.stride(1) * elt, *(s * elt for s in key_cache.stride()[:3]))
     if bad:
         raise IndexError("a slot of the slot mapping is past the cache")
+
+
+def kernel_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                  max_seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The attention kernel's block tables (int32, rows contiguous), context lengths (int32,
+    contiguous) and bound on every context: the block tables' width, clipped as the twin
+    clips it, and max_seq_len when known (ops/cpu_decoder.py passes the kernel the same)."""
+    block_tables = block_tables.to(torch.int32)
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    max_len = block_tables.shape[1] * block_size
+    if max_seq_len is not None:
+        max_len = min(max_len, max_seq_len)
+    return block_tables, seq_lens.to(torch.int32).contiguous(), max_len
+
+
+def kernel_slots(slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The KV write's slots as the kernel reads them: int64, contiguous."""
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+    return slots if slots.is_contiguous() else slots.contiguous()
 
 
 def prompt_rows(block_tables: torch.Tensor, query_start_loc: torch.Tensor,

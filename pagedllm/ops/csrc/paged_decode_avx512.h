@@ -12,14 +12,14 @@
 // stay in NG * DV vector registers through the whole context (attend() keeps them in memory,
 // a load and a store around every multiply-add).
 template <int DV, int NG>
-AVX512 INLINE void weigh_values(const Args& a, const int32_t* table, const float* value,
-                                const float* s, const float* inv_sum, int64_t r0, int64_t t0,
-                                int64_t len, int64_t n, float* out) {
-  const int64_t B = a.block_size, b0 = t0 / B, num_used = (len + B - 1) / B;
+AVX512 INLINE void weigh_values(const Args& a, const Context& c, const float* value,
+                                const float* s, const float* inv_sum, int64_t r0, float* out) {
+  const int32_t* table = c.table;
+  const int64_t B = a.block_size, t0 = c.t0, len = c.len, n = c.n, num_used = c.num_used;
   __m512 acc[NG][DV];
   for (int g = 0; g < NG; ++g)
     for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_setzero_ps();
-  for (int64_t b = b0, t = t0; b < num_used; ++b) {
+  for (int64_t b = c.b0, t = t0; b < num_used; ++b) {
     const float* rows = value + table[b] * a.kv_block_stride;
     const float* next = b + 1 < num_used ? value + table[b + 1] * a.kv_block_stride : nullptr;
     for (int64_t i = t % B; i < B && t < len; ++i, ++t) {
@@ -98,10 +98,10 @@ AVX512 void attend_avx512(const Args& a, int64_t seq, int64_t h0, int64_t nh,
     for (int64_t g = 0; g < G; g += HG) {
       const int64_t r0 = j * G + g;
       switch (std::min<int64_t>(HG, G - g)) {
-        case 1: weigh_values<DV, 1>(a, table, vj, s, inv_sum, r0, t0, len, n, out); break;
-        case 2: weigh_values<DV, 2>(a, table, vj, s, inv_sum, r0, t0, len, n, out); break;
-        case 3: weigh_values<DV, 3>(a, table, vj, s, inv_sum, r0, t0, len, n, out); break;
-        default: weigh_values<DV, HG>(a, table, vj, s, inv_sum, r0, t0, len, n, out); break;
+        case 1: weigh_values<DV, 1>(a, c, vj, s, inv_sum, r0, out); break;
+        case 2: weigh_values<DV, 2>(a, c, vj, s, inv_sum, r0, out); break;
+        case 3: weigh_values<DV, 3>(a, c, vj, s, inv_sum, r0, out); break;
+        default: weigh_values<DV, HG>(a, c, vj, s, inv_sum, r0, out); break;
       }
     }
   }
