@@ -15,6 +15,16 @@ from pagedllm.ops import batch_invariant, cpu_kernels, gemm, torch_ref
 pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="no C++ CPU kernel here")
 
 
+def bf16_row_invariant() -> bool:
+    """Whether this machine's oneDNN bf16 GEMM passes the mode's start-up probe (it does with
+    AVX512-BF16 alone; on AMX tiles it did not: the mode is then off in bf16)."""
+    try:
+        gemm.check_row_invariant(torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
 @pytest.fixture
 def invariant_mode():
     assert batch_invariant.resolve(True, torch.device("cpu"), torch.float32, torch.float32)
@@ -26,17 +36,22 @@ def invariant_mode():
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 4096)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,n", SHAPES)
-def test_every_row_of_a_linear_layer_is_independent_of_m(invariant_mode, k, n):
+def test_every_row_of_a_linear_layer_is_independent_of_m(invariant_mode, k, n, dtype):
+    if dtype == torch.bfloat16 and not bf16_row_invariant():
+        pytest.skip("this machine's oneDNN bf16 GEMM is not row-invariant (the mode is off)")
     gen = torch.Generator().manual_seed(k + n)
-    weight = torch.randn(n, k, generator=gen) / k**0.5
-    bias = torch.randn(n, generator=gen)
+    weight = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
     packed = gemm.prepack(weight)
-    x = torch.randn(600, k, generator=gen)
+    x = torch.randn(600, k, generator=gen).to(dtype)
     full = gemm.linear(x, weight, bias, packed)
-    # Close to the plain matmul (it is one), and bitwise the same row for every M, 1 included.
+    # Close to the plain matmul (it is one; bf16: up to an output rounding apart), and bitwise
+    # the same row for every M, 1 included.
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(full, torch.nn.functional.linear(x, weight, bias),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=tol, atol=tol)
     for m in (1, 2, 3, 16, 257, 600):
         assert torch.equal(gemm.linear(x[:m], weight, bias, packed), full[:m]), m
         assert torch.equal(gemm.linear(x[m - 1:m], weight, bias, packed)[0], full[m - 1]), m
@@ -65,16 +80,19 @@ def _paged(seq_lens: list[int], block_size: int, heads: tuple[int, int], head_di
     return key_cache, value_cache, tables
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 7])
-def test_prefill_rows_are_the_decode_kernel_rows(window):
-    """The per-row prefill matches the SDPA twin (to fp32 rounding), and each of its rows is
-    bitwise the decode kernel's answer for that row: alone, in a chunk over cached blocks, or
-    in the whole prompt."""
+def test_prefill_rows_are_the_decode_kernel_rows(window, dtype):
+    """The per-row prefill matches the SDPA twin (to fp32 rounding; bf16: to an output
+    rounding), and each of its rows is bitwise the decode kernel's answer for that row: alone,
+    in a chunk over cached blocks, or in the whole prompt."""
     heads, head_dim, block_size = (9, 3), 64, 16
     seq_lens = [1, 23, 48, 70]
     key_cache, value_cache, tables = _paged(seq_lens, block_size, heads, head_dim, 0)
+    key_cache, value_cache = key_cache.to(dtype), value_cache.to(dtype)
     gen = torch.Generator().manual_seed(1)
-    queries = [torch.randn(n, heads[0], head_dim, generator=gen) for n in seq_lens]
+    queries = [torch.randn(n, heads[0], head_dim, generator=gen).to(dtype) for n in seq_lens]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     scale = head_dim**-0.5
 
     def prefill(q_lens: list[int], impl):  # each sequence's last q_len rows
@@ -85,7 +103,7 @@ def test_prefill_rows_are_the_decode_kernel_rows(window):
 
     whole = prefill(seq_lens, cpu_kernels.paged_prefill_attention)
     torch.testing.assert_close(whole, prefill(seq_lens, torch_ref.paged_prefill_attention),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=tol, atol=tol)
     chunks = [min(n, c) for n, c in zip(seq_lens, (1, 2, 17, 5))]  # chunks over cached blocks
     tails = prefill(chunks, cpu_kernels.paged_prefill_attention)
     starts = torch.tensor([0] + seq_lens).cumsum(0).tolist()
@@ -104,13 +122,16 @@ def test_prefill_rows_are_the_decode_kernel_rows(window):
 
 def test_the_mode_refuses_what_it_cannot_honour_and_the_default_skips_it():
     cpu, f32 = torch.device("cpu"), torch.float32
+    bf16 = torch.bfloat16
     for args, match in [((torch.device("cuda"), f32, f32), "CPU only"),
-                        ((cpu, torch.bfloat16, torch.bfloat16), "float32"),
+                        ((cpu, torch.float16, torch.float16), "float32 or bfloat16"),
+                        ((cpu, bf16, f32), "KV cache of the same dtype"),
                         ((cpu, f32, torch.int8), "KV cache")]:
         with pytest.raises(NotImplementedError, match=match):
             batch_invariant.resolve(True, *args)
         assert batch_invariant.resolve(None, *args) is False
     assert batch_invariant.resolve(None, cpu, f32, f32) is True
+    assert batch_invariant.resolve(None, cpu, bf16, bf16) is bf16_row_invariant()
     from pagedllm.layers.moe import MoEExperts  # experts' F.linear is not row-invariant
 
     moe = torch.nn.Sequential(MoEExperts(2, 8, 16))

@@ -77,6 +77,23 @@ def test_without_the_mode_logprobs_depend_on_the_batch():
     assert solo != batched
 
 
+@pytest.mark.parametrize("mode", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_bf16_batch_of_one_equals_batch_of_32_bitwise(mode):
+    """bf16 weights and KV cache: the mode holds there too (oneDNN's packed bf16 GEMM, the C++
+    kernel's bf16 rows), and without it the bits differ (one row takes oneDNN's GEMV)."""
+    from .test_batch_invariance_kernels import bf16_row_invariant
+
+    if mode and not bf16_row_invariant():
+        pytest.skip("this machine's oneDNN bf16 GEMM is not row-invariant (the mode is off)")
+    llm = LLM(dtype="bfloat16", batch_invariant=mode, **SMALL_ENGINE)
+    try:
+        assert llm.llm_engine.engine_core.executor.runner.batch_invariant is mode
+        solo, batched = run_alone_and_batched(llm, prompts(32, seed=1), [0, 7, 19, 31])
+    finally:
+        llm.shutdown()
+    assert (solo == batched) is mode
+
+
 def test_the_default_on_cpu_is_the_mode(default_llm):
     assert default_llm.llm_engine.engine_core.executor.runner.batch_invariant
 

@@ -116,8 +116,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList([layer_cls(config, qkv_bias, qk_norm, layer_idx=i)
                                      for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # On a CPU with quantized weights, the layers below can run as one C++ call of the same
-        # kernels (ops/cpu_decoder.py checks the rest); only for layers that are these classes.
+        # On a CPU the layers below can run as one C++ call of the same kernels
+        # (ops/cpu_decoder.py checks the rest); only for layers that are these classes.
         plain = all(type(layer).forward is LlamaDecoderLayer.forward
                     and type(layer.self_attn).forward is LlamaAttention.forward
                     and type(layer.mlp) is LlamaMLP for layer in self.layers)

@@ -4,8 +4,8 @@ A row's logits (and so its logprobs and sampled token) then depend only on its o
 on the batch size, how the prompt was chunked, whether its prefix came from the cache, or which
 requests ran beside it. Two kernels decide a row's reduction order; the mode pins both:
 
-- GEMM (ops/gemm.py): oneDNN's packed fp32 matmul reduces each row in the same order for every
-  M >= 2, and with any thread count; a single row takes a GEMV path with another order, and MKL's
+- GEMM (ops/gemm.py): oneDNN's packed fp32 or bf16 matmul reduces each row in the same order for
+  every M >= 2, and with any thread count; a single row takes a GEMV path with another order, and MKL's
   F.linear (the default above 256 rows) blocks K by M. In the mode every linear layer takes the
   packed path and a single row is computed as a pair. `check_gemm()` probes it at start-up.
 - Attention (ops/cpu_kernels.py): torch SDPA picks its kernel by shape (a causal prompt and a
@@ -38,7 +38,7 @@ enabled = False
 def resolve(on: bool | None, device: torch.device, dtype: torch.dtype,
             kv_cache_dtype: torch.dtype, model: torch.nn.Module | None = None) -> bool:
     """Whether an engine runs in the mode: True (raise where it cannot be honoured), False, or
-    None (the default: on where it can be, quietly off elsewhere: a GPU, bf16, a quantized
+    None (the default: on where it can be, quietly off elsewhere: a GPU, fp16, a quantized
     cache, no compiler for the C++ kernel).
 
     Its cost on 2 quiet cores of an Intel Xeon, wall time (docs/benchmarks.md, CPU peers): +4% on 32 random
@@ -78,17 +78,17 @@ def _check(device: torch.device, dtype: torch.dtype, kv_cache_dtype: torch.dtype
     if device.type != "cpu":
         raise NotImplementedError(
             f"batch_invariant=True is implemented for CPU only (device {device.type!r})")
-    if dtype != torch.float32 or kv_cache_dtype != dtype:
+    if dtype not in (torch.float32, torch.bfloat16) or kv_cache_dtype != dtype:
         raise NotImplementedError(
-            f"batch_invariant=True needs float32 weights and KV cache on CPU (got {dtype}, KV "
-            f"cache {kv_cache_dtype})")
+            f"batch_invariant=True needs float32 or bfloat16 weights and a KV cache of the same "
+            f"dtype on CPU (got {dtype}, KV cache {kv_cache_dtype})")
     if backend.forced_backend() is not None:
         raise ValueError("batch_invariant=True runs the C++ CPU kernel; unset "
                          "PAGEDLLM_ATTENTION_BACKEND")
     if not cpu_kernels.load():
         raise RuntimeError("batch_invariant=True needs the C++ CPU attention kernel, which is "
                            f"unavailable: {cpu_kernels.load_error()}")
-    gemm.check_row_invariant()
+    gemm.check_row_invariant(dtype)
 
 
 def _check_model(model: torch.nn.Module) -> None:

@@ -1,18 +1,22 @@
-"""A Llama decoder stack in one C++ call on a CPU (csrc/decoder_cpu.cpp), for a model whose linear
-layers are quantized (`--quantization`).
+"""A Llama decoder stack in one C++ call on a CPU (csrc/decoder_cpu.cpp).
 
 With 4-bit weights a decode step at batch 1 reads ~100 MB and its matmuls take ~4 ms; the
 modules around them made ~20 Python-side calls per layer (norms, rotary, the KV write,
 attention, four matmuls, each with its checks and allocations), ~6 ms more over 30 layers. Here
 the layer loop runs in C++ and calls the same kernels with the same arguments, so its results
 are the module path's bit for bit (tests/ops/test_cpu_decoder.py), batch invariance included.
+Quantized weights take the C++ quantized matmul; fp32 and bf16 weights (oneDNN's GEMM, which has
+no C entry point) a callback into Python that runs the linear module's own forward on the
+stack's buffer: 4 Python calls a layer instead of ~20.
 
 It takes a forward pass when everything the module path would do is one of those kernels:
   - the model: LlamaModel's own layers (llama.py checks the classes), one TP rank, no q/k norm,
-    full rotary, no bias but q/k/v's, fp32 weights and norms;
-  - every q/k/v, o, gate/up and down weight quantized (ops/quant_linear.py);
-  - the KV cache in fp32 (no scales) and taken by the C++ attention kernel, the fused layer ops
-    on (ops/fused.py), the kernel libraries built;
+    full rotary, fp32 rotary tables;
+  - activations, norm weights and the KV cache (no scales) all fp32, or all bf16;
+  - every q/k/v, o, gate/up and down weight quantized (ops/quant_linear.py: fp32 activations,
+    no bias but q/k/v's), or none of them (weights in the activations' dtype);
+  - the C++ attention kernel taking the cache, the fused layer ops on (ops/fused.py), the
+    kernel libraries built;
   - decode, or prompts and chunks where the module path sends them through the C++ kernel too
     (ops/backend.py: batch-invariant mode, or PAGEDLLM_CPU_PREFILL_KERNEL unset).
 Anything else returns None and the modules run. PAGEDLLM_CPU_DECODER=0 turns it off (read at
@@ -40,7 +44,8 @@ _enabled = os.environ.get("PAGEDLLM_CPU_DECODER", "1") != "0"
 # ctypes mirrors of csrc/decoder_cpu.cpp's structures, field for field
 class _Kernels(ctypes.Structure):
     _fields_ = [(name, _ptr) for name in (
-        "quant_linear", "rms_norm", "silu_and_mul", "rotary", "kv_write", "attention")]
+        "quant_linear", "rms_norm", "silu_and_mul", "rotary", "kv_write", "attention",
+        "dense_linear")]
 
 
 class _QuantLinear(ctypes.Structure):
@@ -58,7 +63,8 @@ class _Shapes(ctypes.Structure):
     _fields_ = [(name, _i64) for name in (
         "num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "intermediate",
         "num_blocks", "block_size", "kv_block_stride", "kv_token_stride", "kv_head_stride",
-        "num_positions", "cs_stride")] + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+        "num_positions", "cs_stride", "is_bf16")] + [("eps", ctypes.c_float),
+                                                      ("scale", ctypes.c_float)]
 
 
 class _Step(ctypes.Structure):
@@ -75,6 +81,9 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 _LIBRARY = CppLibrary("pagedllm_cpu_decoder", "decoder_cpu.cpp", "CPU decoder stack", _declare)
+# const void* dense_linear(int64_t index, const void* x): the output's address, or null (raised)
+_DENSE_LINEAR = ctypes.CFUNCTYPE(_ptr, _i64, _ptr)
+_DTYPES = (torch.float32, torch.bfloat16)
 _ERRORS = {1: "a position is out of the rotary tables' {}",
            2: "a slot of the slot mapping is past the cache",
            3: "a block table entry of a used block is out of range"}
@@ -104,8 +113,12 @@ def _kernels() -> _Kernels | None:
 
 
 def _quant(linear: torch.nn.Module, bias_ok: bool) -> _QuantLinear | None:
+    """The quantized weight's blocks; a null one (the dense callback) for a weight in the
+    activations' dtype; None for anything else."""
     qw, bias = getattr(linear, "packed_weight", None), getattr(linear, "bias", None)
-    if not isinstance(qw, QuantizedWeight) or (bias is not None and not bias_ok):
+    if not isinstance(qw, QuantizedWeight):
+        return _QuantLinear(None, None, None, None, *linear.weight.shape)
+    if bias is not None and not bias_ok:
         return None
     if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
         return None
@@ -113,8 +126,8 @@ def _quant(linear: torch.nn.Module, bias_ok: bool) -> _QuantLinear | None:
     return _QuantLinear(q, d, m, None if bias is None else bias.data_ptr(), *qw.shape)
 
 
-def _fp32_vector(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous()
+def _vector(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.dtype == dtype and t.dim() == 1 and t.is_contiguous()
 
 
 class DecoderStack:
@@ -136,10 +149,20 @@ class DecoderStack:
         self._linears = [m for layer in layers for m in (
             layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
             layer.mlp.down_proj)]
+        # The dense callback's state for the pass in flight: each linear's input, a view of the
+        # scratch (qkv and gate/up read h, o reads attn, down reads act), and its last output,
+        # held until the next linear of its kind (the C++ reads it until then).
+        self._dense_linear = _DENSE_LINEAR(self._run_dense)
+        self._inputs: list[torch.Tensor] = []
+        self._outputs: list[torch.Tensor | None] = [None] * 4
+        self._error: BaseException | None = None
+        # NOTE: one scratch kept between passes, grown when a pass needs more: a fresh one a
+        # pass (tens of MB for a 2,048-token chunk) was fresh pages, faulted in on every touch
+        self._scratch_buffer = torch.empty(0)
 
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not (_enabled and hidden.dtype == torch.float32 and hidden.is_cpu
+        if not (_enabled and hidden.dtype in _DTYPES and hidden.is_cpu
                 and fused.is_enabled() and backend.forced_backend() is None):
             return None
         bound = [a.kv_cache for a in self._attns] + [m.packed_weight for m in self._linears]
@@ -151,7 +174,8 @@ class DecoderStack:
         meta = get_attention_metadata()
         num_tokens = hidden.shape[0]
         if (meta.max_seq_len is None or not hidden.is_contiguous() or hidden.dim() != 2
-                or hidden.shape[1] != shapes.hidden):
+                or hidden.shape[1] != shapes.hidden
+                or hidden.dtype != (torch.bfloat16 if shapes.is_bf16 else torch.float32)):
             return None
         if meta.is_decode_only:
             tables, lens = meta.block_tables, meta.seq_lens
@@ -173,11 +197,7 @@ class DecoderStack:
         if not slots.shape[0] == positions.shape[0] == num_tokens:  # the C++ reads T of each
             raise ValueError(f"{slots.shape[0]} slots and {positions.shape[0]} positions for "
                              f"{num_tokens} tokens")
-        h, qkv = shapes.hidden, (shapes.num_heads + 2 * shapes.num_kv_heads) * shapes.head_dim
-        q, kv, inter = shapes.num_heads * shapes.head_dim, shapes.num_kv_heads * shapes.head_dim, \
-            shapes.intermediate
-        scratch = torch.empty(num_tokens * (5 * h + qkv + 2 * q + kv + 3 * inter),
-                              dtype=torch.float32)
+        scratch = self._scratch(shapes, num_tokens, hidden.dtype)
         out, residual = torch.empty_like(hidden), torch.empty_like(hidden)
         cos, sin = cos_sin
         step = _Step(hidden.data_ptr(), out.data_ptr(), residual.data_ptr(), scratch.data_ptr(),
@@ -185,10 +205,54 @@ class DecoderStack:
                      tables.data_ptr(), lens.data_ptr(), num_tokens, tables.shape[0],
                      tables.stride(0), max_len)
         if num_tokens:
-            bad = _LIBRARY.lib.pagedllm_decoder_forward(kernels, layer_table, shapes, step)
+            try:
+                bad = _LIBRARY.lib.pagedllm_decoder_forward(kernels, layer_table, shapes, step)
+            finally:
+                self._inputs, self._outputs = [], [None] * 4
+            if bad == 4:
+                error, self._error = self._error, None
+                raise error
             if bad:
                 raise IndexError(_ERRORS[bad].format(shapes.num_positions))
         return out, residual
+
+    def _scratch(self, shapes: _Shapes, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """The C++ ledger's buffers (csrc/decoder_cpu.cpp), and the views of it that the dense
+        linears read."""
+        h, t = shapes.hidden, num_tokens
+        q, kv = shapes.num_heads * shapes.head_dim, shapes.num_kv_heads * shapes.head_dim
+        qkv, inter = q + 2 * kv, shapes.intermediate
+        widths = [h, qkv, q, kv, q, h, 2 * inter, inter, h, h, h]  # h .. attn .. act .. r1
+        size = t * sum(widths)
+        if self._scratch_buffer.dtype != dtype or self._scratch_buffer.numel() < size:
+            self._scratch_buffer = torch.empty(size, dtype=dtype)
+        scratch = self._scratch_buffer[:size]
+        starts = [t * sum(widths[:i]) for i in range(len(widths))]
+
+        def view(i: int) -> torch.Tensor:
+            return scratch[starts[i]:starts[i] + t * widths[i]].view(t, widths[i])
+
+        self._inputs = [view(0), view(4), view(0), view(7)]  # h, attn, h, act
+        return scratch
+
+    def _run_dense(self, index: int, x: int) -> int | None:
+        """The C++ stack's dense linear `index` (4 per layer): the module's own forward on its
+        input, a view of the scratch; the output's address, or None after an exception (kept
+        for __call__ to raise: ctypes would only print it)."""
+        try:
+            kind = index & 3
+            src = self._inputs[kind]
+            if src.data_ptr() != x:
+                raise RuntimeError(f"decoder stack: linear {index} reads {x:#x}, not the "
+                                   f"scratch view at {src.data_ptr():#x}")
+            y = self._linears[index].forward(src)
+            if not y.is_contiguous():
+                y = y.contiguous()
+            self._outputs[kind] = y
+            return y.data_ptr()
+        except BaseException as e:  # noqa: BLE001 - re-raised by __call__
+            self._error = e
+            return None
 
     def _build(self) -> tuple[_Kernels, ctypes.Array, _Shapes, tuple] | None:
         """The kernels, the per-layer table and the shapes, or None if these layers, weights
@@ -197,8 +261,9 @@ class DecoderStack:
             return None
         first = self.layers[0].self_attn
         cache = first.attn.kv_cache
-        if cache is None or cache.dtype != torch.float32 or cache.stride(-1) != 1:
+        if cache is None or cache.dtype not in _DTYPES or cache.stride(-1) != 1:
             return None
+        dtype = cache.dtype
         rotary = first.rotary_emb
         if not (rotary.rotary_dim == rotary.head_dim and rotary.cos_cache.is_contiguous()
                 and rotary.cos_cache.dtype == torch.float32
@@ -207,14 +272,15 @@ class DecoderStack:
             return None
         rows: list[_Layer] = []
         eps = self.layers[0].input_layernorm.eps
-        down = getattr(self.layers[0].mlp.down_proj, "packed_weight", None)
-        if not isinstance(down, QuantizedWeight):
-            return None
-        hidden, inter = down.shape
+        hidden, inter = self.layers[0].mlp.down_proj.weight.shape[0], \
+            self.layers[0].mlp.down_proj.weight.shape[1]
         q_size, kv_size = first.q_size, first.kv_size
         # (N, K) of q/k/v, o, gate/up and down
         expected = [(q_size + 2 * kv_size, hidden), (hidden, q_size), (2 * inter, hidden),
-                  (hidden, inter)]
+                    (hidden, inter)]
+        quantized = isinstance(self.layers[0].mlp.down_proj.packed_weight, QuantizedWeight)
+        if quantized and dtype != torch.float32:  # the quantized kernel takes fp32 activations
+            return None
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -226,12 +292,14 @@ class DecoderStack:
                     or attn.attn.num_kv_heads != first.attn.num_kv_heads
                     or attn.attn.scale != first.attn.scale
                     or attn.rotary_emb.signature != rotary.signature
-                    or any(n.eps != eps or not _fp32_vector(n.weight) for n in norms)):
+                    or any(n.eps != eps or not _vector(n.weight, dtype) for n in norms)):
                 return None
+            modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             linears = (_quant(attn.qkv_proj, True), _quant(attn.o_proj, False),
                        _quant(mlp.gate_up_proj, False), _quant(mlp.down_proj, False))
-            if any(lin is None for lin in linears) \
-                    or [(lin.n, lin.k) for lin in linears] != expected:
+            if any(lin is None or bool(lin.qweight) != quantized for lin in linears) \
+                    or [(lin.n, lin.k) for lin in linears] != expected \
+                    or not (quantized or all(m.weight.dtype == dtype for m in modules)):
                 return None
             rows.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(),
                                *linears, kv[0].data_ptr(), kv[1].data_ptr(),
@@ -239,9 +307,10 @@ class DecoderStack:
         kernels = _kernels()
         if kernels is None:
             return None
+        kernels.dense_linear = ctypes.cast(self._dense_linear, _ptr).value
         num_blocks, block_size, num_kv_heads, head_dim = cache.shape[1:]
         shapes = _Shapes(len(rows), hidden, first.attn.num_heads, num_kv_heads, head_dim, inter,
                          num_blocks, block_size, *cache[0].stride()[:3],
-                         rotary.cos_cache.shape[0], rotary.cos_cache.stride(0), eps,
-                         first.attn.scale)
+                         rotary.cos_cache.shape[0], rotary.cos_cache.stride(0),
+                         dtype == torch.bfloat16, eps, first.attn.scale)
         return kernels, (_Layer * len(rows))(*rows), shapes, (rotary.cos_cache, rotary.sin_cache)

@@ -22,8 +22,9 @@ matmul has a faster kernel on its device.
 
 Large-M matmuls (prefill) keep F.linear on Intel CPUs and CUDA: they are compute-bound, and on
 CPU that is what HF transformers runs, bit for bit. Except in batch-invariant mode (ops/batch_invariant.py):
-there every M takes the packed path, whose per-row reduction order does not depend on M, and a
-single row goes in as a pair (oneDNN's one-row GEMV reduces in another order).
+there every M takes the packed path (fp32 or bf16), whose per-row reduction order does not
+depend on M, and a single row goes in as a pair (oneDNN's one-row GEMV reduces in another
+order).
 """
 
 from __future__ import annotations
@@ -106,20 +107,22 @@ def _invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _packed_linear(x, packed, bias).reshape(*shape[:-1], -1)
 
 
-def check_row_invariant(sizes: tuple[int, ...] = (576, 1536, 2048),
+def check_row_invariant(dtype: torch.dtype = torch.float32,
+                        sizes: tuple[int, ...] = (576, 1536, 2048),
                         rows: tuple[int, ...] = (1, 2, 3, 17, 300, 513)) -> None:
     """Probe, on this machine's oneDNN, that the packed path of `_invariant_linear` gives every
-    row the same bits for every M (and 1 vs 2 threads); raise if it does not. A few ms."""
-    if prepack(torch.ones(8, 8)) is None:
-        raise RuntimeError("batch-invariant mode needs oneDNN's packed fp32 GEMM, which is "
+    row the same bits for every M (and 1 vs 2 threads) in `dtype`; raise if it does not. A few
+    ms."""
+    if prepack(torch.ones(8, 8, dtype=dtype)) is None:
+        raise RuntimeError(f"batch-invariant mode needs oneDNN's packed {dtype} GEMM, which is "
                            "unavailable here (PAGEDLLM_CPU_PACKED_GEMM=0, or no mkldnn)")
     gen = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
     try:
         for k in sizes:
-            weight = torch.randn(96, k, generator=gen)
+            weight = torch.randn(96, k, generator=gen).to(dtype)
             packed = prepack(weight)
-            x = torch.randn(max(rows), k, generator=gen)
+            x = torch.randn(max(rows), k, generator=gen).to(dtype)
             full = _invariant_linear(x, weight, None, packed)
             for m in rows:
                 torch.set_num_threads(1 if m % 2 else threads)
@@ -127,8 +130,8 @@ def check_row_invariant(sizes: tuple[int, ...] = (576, 1536, 2048),
                 batch = _invariant_linear(x[:m], weight, None, packed)
                 if not (torch.equal(alone[0], full[m - 1]) and torch.equal(batch, full[:m])):
                     raise RuntimeError(
-                        f"this machine's oneDNN GEMM is not row-invariant (K={k}, M={m}): "
-                        "batch-invariant mode cannot be honoured here")
+                        f"this machine's oneDNN {dtype} GEMM is not row-invariant (K={k}, "
+                        f"M={m}): batch-invariant mode cannot be honoured here")
     finally:
         torch.set_num_threads(threads)
 

@@ -16,6 +16,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.loader import default_model_path, iter_weights, load_model_config
 
 from ..conftest import SMALL_ENGINE
+from ..test_batch_invariance_kernels import bf16_row_invariant
 from .test_hf_parity import hf_greedy
 
 
@@ -32,7 +33,8 @@ def test_default_model_in_bf16_follows_hf_bf16(chat_prompt_ids):
     del hf
 
     llm = LLM(dtype="bfloat16", **SMALL_ENGINE)
-    assert not llm.llm_engine.engine_core.executor.runner.batch_invariant  # fp32-only mode
+    # the mode is the default where this machine's oneDNN bf16 GEMM is row-invariant
+    assert llm.llm_engine.engine_core.executor.runner.batch_invariant is bf16_row_invariant()
     params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=5)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     llm.shutdown()

@@ -1,7 +1,8 @@
 """The C++ decoder stack (ops/cpu_decoder.py) against the module path it replaces: the engine
 with the stack on and off gives the same tokens and bitwise-equal logprobs, through prompts,
 chunked prefill, prefix-cache hits and decode, for Llama, Qwen2 (q/k/v bias) and Mistral (a
-sliding window shorter than the prompts); and the stack declines what it does not run."""
+sliding window shorter than the prompts), with q4_1 weights (the C++ matmul), fp32 and bf16
+weights (oneDNN through the Python callback); and the stack declines what it does not run."""
 
 from __future__ import annotations
 
@@ -78,12 +79,16 @@ def _run(llm: LLM, on: bool) -> list:
             for o in out]
 
 
+WEIGHTS = {"q4_1": dict(quantization="q4_1"), "fp32": {}, "bf16": dict(dtype="bfloat16")}
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("chunk", [None, 16])
-def test_stack_equals_the_module_path(checkpoint, family, chunk, monkeypatch):
+def test_stack_equals_the_module_path(checkpoint, family, chunk, weights, monkeypatch):
     extra = {} if chunk is None else dict(enable_chunked_prefill=True,
                                           max_num_batched_tokens=chunk)
-    llm = LLM(checkpoint(family), quantization="q4_1", seed=0, **SMALL_ENGINE, **extra)
+    llm = LLM(checkpoint(family), seed=0, **WEIGHTS[weights], **SMALL_ENGINE, **extra)
     stacked = []
     call = cpu_decoder.DecoderStack.__call__
 
@@ -106,16 +111,16 @@ def test_stack_equals_the_module_path(checkpoint, family, chunk, monkeypatch):
 
 
 def test_stack_declines_what_it_does_not_run(checkpoint):
-    """Unquantized weights (oneDNN GEMMs), or the fused layer ops turned off (the module path
-    would run PyTorch's ops): the stack returns None and the modules run."""
+    """An int8 KV cache (scales the kernel does not take), or the fused layer ops turned off
+    (the module path would run PyTorch's ops): the stack returns None and the modules run."""
     path = checkpoint("llama")
     prompt = [{"prompt_token_ids": _prompts()[0]}]
     params = SamplingParams(temperature=0.0, max_tokens=2)
-    plain = LLM(path, seed=0, **SMALL_ENGINE)
-    stack = plain.llm_engine.engine_core.executor.runner.model.model.cpu_stack
-    plain.generate(prompt, params, use_tqdm=False)
+    int8 = LLM(path, seed=0, kv_cache_dtype="int8", **SMALL_ENGINE)
+    stack = int8.llm_engine.engine_core.executor.runner.model.model.cpu_stack
+    int8.generate(prompt, params, use_tqdm=False)
     assert stack._table is None
-    plain.shutdown()
+    int8.shutdown()
 
     llm = LLM(path, quantization="q4_1", seed=0, **SMALL_ENGINE)
     stack = llm.llm_engine.engine_core.executor.runner.model.model.cpu_stack

@@ -13,7 +13,7 @@
 // Storage is fp32 or bf16 (the raw 16 bits, widened on load); arithmetic is always fp32. Inner
 // loops are written so -O3 vectorizes them without -ffast-math; on x86 an AVX2+FMA copy of the
 // whole task is compiled next to the baseline one and picked once, on the first call, by CPUID.
-// fp32 caches with head_dim 32, 64 or 128 take an AVX-512 task instead where the CPU has it
+// Caches with head_dim 32, 64 or 128 take an AVX-512 task instead where the CPU has it
 // (paged_decode_avx512.h: the same passes with intrinsics, ~4x faster on prompts).
 //
 // NOTE: a plain C entry point called through ctypes (ops/cpu_kernels.py checks the tensors and
@@ -283,8 +283,8 @@ extern "C" int pagedllm_paged_decode_attention(
   RangeFn fn = is_bf16 ? b16 : f32;
 #ifdef HAVE_AVX512_PATH
   static const bool avx512 = has_avx512();
-  if (avx512 && !is_bf16 && (head_dim == 32 || head_dim == 64 || head_dim == 128))
-    fn = &range_avx512;
+  if (avx512 && (head_dim == 32 || head_dim == 64 || head_dim == 128))
+    fn = is_bf16 ? &range_avx512<bf16_bits> : &range_avx512<float>;
 #endif
   // A task per sequence reads each token's K/V rows for all KV heads, one contiguous run (the
   // prefetcher's favourite); with too few sequences to keep every thread busy, a task per
