@@ -82,10 +82,7 @@ AVX512 void attend_avx512(const Args& a, int64_t seq, int64_t h0, int64_t nh,
   float* q = scratch.data();
   float* s = q + R * D;
   float* inv_sum = s + R * n;
-  const T* query =
-      static_cast<const T*>(a.query) + seq * a.q_seq_stride + h0 * G * a.q_head_stride;
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t d = 0; d < D; ++d) q[r * D + d] = to_float(query[r * a.q_head_stride + d]);
+  query_rows<T>(a, seq, h0, R, D, q);
   const int64_t head0 = h0 * a.kv_head_stride;
   const T* key = static_cast<const T*>(a.key_cache) + head0;
   const T* value = static_cast<const T*>(a.value_cache) + head0;

@@ -155,6 +155,16 @@ INLINE Context context_of(const Args& a, int64_t seq) {
   return c;
 }
 
+// The R query rows of sequence `seq` from KV head h0 on (consecutive in the query), widened to
+// fp32 into q (R x D, contiguous): both tasks score from this copy.
+template <typename T>
+INLINE void query_rows(const Args& a, int64_t seq, int64_t h0, int64_t R, int64_t D, float* q) {
+  const T* query =
+      static_cast<const T*>(a.query) + seq * a.q_seq_stride + h0 * a.group * a.q_head_stride;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) q[r * D + d] = to_float(query[r * a.q_head_stride + d]);
+}
+
 // One sequence, KV heads [h0, h0 + nh): its R = nh * G query heads (consecutive in the query).
 // scratch: q (R x D) | acc (R x D) | 1 / row sums (R) | scores (R x n).
 template <typename T>
@@ -175,10 +185,7 @@ INLINE void attend(const Args& a, int64_t seq, int64_t h0, int64_t nh,
   float* acc = q + R * D;
   float* inv_sum = acc + R * D;
   float* s = inv_sum + R;
-  const T* query =
-      static_cast<const T*>(a.query) + seq * a.q_seq_stride + h0 * G * a.q_head_stride;
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t d = 0; d < D; ++d) q[r * D + d] = to_float(query[r * a.q_head_stride + d]);
+  query_rows<T>(a, seq, h0, R, D, q);
   std::fill(acc, acc + R * D, 0.f);
 
   // Token t is row t % B of block table[t / B]; its KV head h0 + j starts at element
