@@ -4,8 +4,9 @@ A row's logits (and so its logprobs and sampled token) then depend only on its o
 on the batch size, how the prompt was chunked, whether its prefix came from the cache, or which
 requests ran beside it. Two kernels decide a row's reduction order; the mode pins both:
 
-- GEMM (ops/gemm.py): oneDNN's packed fp32 or bf16 matmul reduces each row in the same order for
-  every M >= 2, and with any thread count; a single row takes a GEMV path with another order, and MKL's
+- GEMM (ops/gemm.py): oneDNN's packed fp32 matmul (bf16 too where the start-up probe passes:
+  AVX512-BF16, not AMX) reduces each row in the same order for every M >= 2, and with any
+  thread count; a single row takes a GEMV path with another order, and MKL's
   F.linear (the default above 256 rows) blocks K by M. In the mode every linear layer takes the
   packed path and a single row is computed as a pair. `check_gemm()` probes it at start-up.
 - Attention (ops/cpu_kernels.py): torch SDPA picks its kernel by shape (a causal prompt and a
@@ -41,12 +42,14 @@ def resolve(on: bool | None, device: torch.device, dtype: torch.dtype,
     None (the default: on where it can be, quietly off elsewhere: a GPU, fp16, a quantized
     cache, no compiler for the C++ kernel).
 
-    Its cost on 2 quiet cores of an Intel Xeon, wall time (docs/benchmarks.md, CPU peers): +4% on 32 random
-    prompts of 32-256 tokens x 64, none on the first 64 ShareGPT requests (medians of three
-    runs): under the 10% that makes it the CPU default. Batch-1 decode pays more, +36% (44.6
-    against 32.9 ms/token): outside the mode one row takes MKL's sgemv, which reads the weights faster than
-    oneDNN's packed kernel, whose order the mode needs; `--no-batch-invariant` for chat
-    latency."""
+    Its cost in fp32 on 2 quiet cores of an Intel Xeon, wall time (docs/benchmarks.md, CPU
+    peers): +4% on 32 random prompts of 32-256 tokens x 64, none on the first 64 ShareGPT
+    requests (medians of three runs): under the 10% that makes it the CPU default. Batch-1
+    decode pays more, +36% (44.6 against 32.9 ms/token): outside the mode one row takes MKL's
+    sgemv, which reads the weights faster than oneDNN's packed kernel, whose order the mode
+    needs; `--no-batch-invariant` for chat latency. Off Intel every row count takes oneDNN's
+    packed GEMM either way, and the mode costs nothing measurable (fp32 and bf16, 2-core AMD
+    EPYC)."""
     if on is False:
         return False
     try:

@@ -5,9 +5,11 @@ modules around them made ~20 Python-side calls per layer (norms, rotary, the KV 
 attention, four matmuls, each with its checks and allocations), ~6 ms more over 30 layers. Here
 the layer loop runs in C++ and calls the same kernels with the same arguments, so its results
 are the module path's bit for bit (tests/ops/test_cpu_decoder.py), batch invariance included.
-Quantized weights take the C++ quantized matmul; fp32 and bf16 weights (oneDNN's GEMM, which has
-no C entry point) a callback into Python that runs the linear module's own forward on the
-stack's buffer: 4 Python calls a layer instead of ~20.
+Quantized weights take the C++ quantized matmul; fp32 and bf16 weights a callback into Python
+that runs the linear module's own forward (ops.gemm.linear: oneDNN's packed GEMM, which has no
+C entry point, or what else gemm.py picks for the row count) on the stack's buffer: 4 Python
+calls a layer instead of ~20. The engine registers no module hooks, so forward is what the
+module path's call runs.
 
 It takes a forward pass when everything the module path would do is one of those kernels:
   - the model: LlamaModel's own layers (llama.py checks the classes), one TP rank, no q/k norm,
@@ -113,8 +115,8 @@ def _kernels() -> _Kernels | None:
 
 
 def _quant(linear: torch.nn.Module, bias_ok: bool) -> _QuantLinear | None:
-    """The quantized weight's blocks; a null one (the dense callback) for a weight in the
-    activations' dtype; None for anything else."""
+    """The quantized weight's blocks, a null one (the dense callback) for a weight that is not
+    quantized (_build checks its dtype), or None where the quantized kernel cannot take it."""
     qw, bias = getattr(linear, "packed_weight", None), getattr(linear, "bias", None)
     if not isinstance(qw, QuantizedWeight):
         return _QuantLinear(None, None, None, None, *linear.weight.shape)
@@ -133,7 +135,9 @@ def _vector(t: torch.Tensor, dtype: torch.dtype) -> bool:
 class DecoderStack:
     """Every layer of a LlamaModel (llama.py built it for `layers` after checking their
     classes) in one call: `stack(positions, hidden)` gives the loop's (hidden, residual), or
-    None when this pass is not one the stack takes (the module path runs then)."""
+    None when this pass is not one the stack takes (the module path runs then). One pass at a
+    time (the engine runs one forward at a time): the scratch and the callback's state are the
+    instance's."""
 
     def __init__(self, layers: torch.nn.ModuleList) -> None:
         self.layers = layers
@@ -245,7 +249,13 @@ class DecoderStack:
             if src.data_ptr() != x:
                 raise RuntimeError(f"decoder stack: linear {index} reads {x:#x}, not the "
                                    f"scratch view at {src.data_ptr():#x}")
-            y = self._linears[index].forward(src)
+            linear = self._linears[index]
+            y = linear.forward(src)
+            # the C++ reads [T, N] rows in the activations' dtype (a bias of another dtype
+            # would have promoted them)
+            if y.dtype != src.dtype or y.shape != (src.shape[0], linear.weight.shape[0]):
+                raise RuntimeError(f"decoder stack: linear {index} gave {tuple(y.shape)} "
+                                   f"{y.dtype} for {tuple(src.shape)} {src.dtype} rows")
             if not y.is_contiguous():
                 y = y.contiguous()
             self._outputs[kind] = y
@@ -299,7 +309,8 @@ class DecoderStack:
                        _quant(mlp.gate_up_proj, False), _quant(mlp.down_proj, False))
             if any(lin is None or bool(lin.qweight) != quantized for lin in linears) \
                     or [(lin.n, lin.k) for lin in linears] != expected \
-                    or not (quantized or all(m.weight.dtype == dtype for m in modules)):
+                    or not (quantized or all(m.weight.dtype == dtype and (
+                        m.bias is None or m.bias.dtype == dtype) for m in modules)):
                 return None
             rows.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(),
                                *linears, kv[0].data_ptr(), kv[1].data_ptr(),

@@ -109,7 +109,7 @@ def _invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def check_row_invariant(dtype: torch.dtype = torch.float32,
                         sizes: tuple[int, ...] = (576, 1536, 2048),
-                        rows: tuple[int, ...] = (1, 2, 3, 17, 300, 513)) -> None:
+                        rows: tuple[int, ...] = (1, 2, 3, 17, 300, 513, 2048)) -> None:
     """Probe, on this machine's oneDNN, that the packed path of `_invariant_linear` gives every
     row the same bits for every M (and 1 vs 2 threads) in `dtype`; raise if it does not. A few
     ms."""

@@ -173,3 +173,32 @@ def test_stack_refuses_a_slot_past_the_cache(checkpoint):
             model.cpu_stack(torch.zeros(2, dtype=torch.int64), torch.zeros(1, 64))
     finally:
         llm.shutdown()
+
+
+def test_a_dense_linear_that_raises_fails_its_pass_only(checkpoint, monkeypatch):
+    """fp32 weights: an exception in a linear's forward (run by the stack's Python callback)
+    is raised by the stack's call, as the module path would raise it, and the next pass runs
+    the stack again."""
+    llm = LLM(checkpoint("llama"), seed=0, **SMALL_ENGINE)
+    model = llm.llm_engine.engine_core.executor.runner.model.model
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([0]), block_tables=torch.zeros(1, 1, dtype=torch.int32),
+        seq_lens=torch.tensor([1], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1, max_seq_len=1)
+    positions, hidden = torch.zeros(1, dtype=torch.int64), torch.randn(1, 64)
+
+    def boom(x):
+        raise ValueError("boom")
+
+    try:
+        with forward_context(meta):
+            before = model.cpu_stack(positions, hidden)
+            assert before is not None
+            monkeypatch.setattr(model.layers[1].mlp.down_proj, "forward", boom)
+            with pytest.raises(ValueError, match="boom"):
+                model.cpu_stack(positions, hidden)
+            monkeypatch.undo()
+            after = model.cpu_stack(positions, hidden)
+        assert after is not None and all(map(torch.equal, before, after))
+    finally:
+        llm.shutdown()

@@ -14,9 +14,10 @@
 // (function pointers handed over by the Python side), with the same arguments. So the stack is
 // bitwise equal to the module path; what it removes is ~20 Python-side calls per layer, each a
 // few microseconds, which at decode batch 1 cost more than the layer's arithmetic. Quantized
-// weights (fp32 activations) take the C++ quantized matmul; fp32 and bf16 weights take oneDNN's
-// packed GEMM, which has no C entry point: a callback into Python (`dense_linear`) runs the
-// module's own ops.gemm.linear on this call's buffers, 4 calls a layer instead of ~20.
+// weights (fp32 activations) take the C++ quantized matmul; fp32 and bf16 weights a callback
+// into Python (`dense_linear`) that runs the module's own forward (ops.gemm.linear: oneDNN's
+// packed GEMM, which has no C entry point) on this call's buffers, 4 calls a layer instead of
+// ~20.
 
 #include <cstdint>
 #include <cstring>
