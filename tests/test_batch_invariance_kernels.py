@@ -80,14 +80,20 @@ def _paged(seq_lens: list[int], block_size: int, heads: tuple[int, int], head_di
     return key_cache, value_cache, tables
 
 
+# (query heads, KV heads), head_dim, block_size: SmolLM2's; the AVX-512 task's other head sizes,
+# with a block of 8 (keys scored one at a time) and of 32 (two groups of 16 per block).
+LAYOUTS = [((9, 3), 64, 16), ((4, 4), 32, 8), ((8, 2), 128, 32)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 7])
-def test_prefill_rows_are_the_decode_kernel_rows(window, dtype):
-    """The per-row prefill matches the SDPA twin (to fp32 rounding; bf16: to an output
-    rounding), and each of its rows is bitwise the decode kernel's answer for that row: alone,
-    in a chunk over cached blocks, or in the whole prompt."""
-    heads, head_dim, block_size = (9, 3), 64, 16
-    seq_lens = [1, 23, 48, 70]
+@pytest.mark.parametrize("heads,head_dim,block_size", LAYOUTS)
+def test_prefill_rows_are_the_decode_kernel_rows(heads, head_dim, block_size, window, dtype):
+    """The prefill matches the SDPA twin (to fp32 rounding; bf16: to an output rounding), and
+    each of its rows is bitwise the decode kernel's answer for that row: alone, in a chunk over
+    cached blocks, or in the whole prompt (where the kernel scores up to 16 rows of one
+    sequence together, a tile: 150 rows make ten)."""
+    seq_lens = [1, 23, 48, 70, 150]
     key_cache, value_cache, tables = _paged(seq_lens, block_size, heads, head_dim, 0)
     key_cache, value_cache = key_cache.to(dtype), value_cache.to(dtype)
     gen = torch.Generator().manual_seed(1)
@@ -104,7 +110,7 @@ def test_prefill_rows_are_the_decode_kernel_rows(window, dtype):
     whole = prefill(seq_lens, cpu_kernels.paged_prefill_attention)
     torch.testing.assert_close(whole, prefill(seq_lens, torch_ref.paged_prefill_attention),
                                rtol=tol, atol=tol)
-    chunks = [min(n, c) for n, c in zip(seq_lens, (1, 2, 17, 5))]  # chunks over cached blocks
+    chunks = [min(n, c) for n, c in zip(seq_lens, (1, 2, 17, 5, 40))]  # over cached blocks
     tails = prefill(chunks, cpu_kernels.paged_prefill_attention)
     starts = torch.tensor([0] + seq_lens).cumsum(0).tolist()
     expected = torch.cat([whole[s + n - c:s + n] for s, n, c in zip(starts, seq_lens, chunks)])

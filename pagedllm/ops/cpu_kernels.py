@@ -190,8 +190,8 @@ def paged_prefill_attention(
 
     Row t of sequence s (its chunk is rows [start[s], end[s])) sits at absolute position
     seq_lens[s] - (end[s] - t), so its context is the first seq_lens[s] - end[s] + t + 1 tokens.
-    It reads its K/V once per row instead of once per chunk: O(q_len * context) reads, which
-    for prompts of a few hundred tokens stay in the L2 cache."""
+    The kernel scores up to 16 consecutive rows of a sequence together (a tile, on AVX-512), so
+    K/V is read once per tile: O(q_len / 16 * context) reads, most from the L2 cache."""
     num_tokens, row_tables, row_lens = prompt_rows(block_tables, query_start_loc, seq_lens)
     out = paged_decode_attention(query[:num_tokens], key_cache, value_cache, row_tables,
                                  row_lens, scale, max_seq_len, sliding_window)

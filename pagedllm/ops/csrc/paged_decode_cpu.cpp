@@ -1,7 +1,10 @@
 // Paged decode attention on the CPU: the twin of torch_ref.paged_decode_attention, without its
-// gather. A task is one sequence (or one of its KV heads): it reads the sequence's K rows, then
-// its V rows, straight out of the paged cache through the block table, each once for all the
-// query heads that share a KV head (r = one query head, t = one context token):
+// gather. Each query row has its own block table and context length (a prompt's rows too:
+// cpu_kernels.paged_prefill_attention). A task is one row, or a tile of up to 16 consecutive
+// rows with the same table (a prompt's), and all or one of its KV heads: it reads the K rows,
+// then the V rows, straight out of the paged cache through the block table, each once for all
+// the query heads that share a KV head and all the rows of the tile (r = one query head of one
+// row, t = one context token):
 //
 //   pass 1  s[r, t] = scale * q[r] . k[t]            t0 <= t < len   (scores: R x n, fp32)
 //   softmax p[r, t] = exp(s[r, t] - max_t s[r, :])   (two-pass: the exact max first)
@@ -14,7 +17,8 @@
 // loops are written so -O3 vectorizes them without -ffast-math; on x86 an AVX2+FMA copy of the
 // whole task is compiled next to the baseline one and picked once, on the first call, by CPUID.
 // Caches with head_dim 32, 64 or 128 take an AVX-512 task instead where the CPU has it
-// (paged_decode_avx512.h: the same passes with intrinsics, ~4x faster on prompts).
+// (paged_decode_avx512.h: the same passes with intrinsics, on tiles; the others run a tile row
+// by row). A row's arithmetic never depends on the other rows of its tile or call.
 //
 // NOTE: a plain C entry point called through ctypes (ops/cpu_kernels.py checks the tensors and
 // allocates the output), not a torch op: the op-registration and Tensor headers take ~12 s to
@@ -155,6 +159,15 @@ INLINE Context context_of(const Args& a, int64_t seq) {
   return c;
 }
 
+// A task: query rows [r0, r0 + rows) (rows > 1 only for rows that read one block table: a
+// prompt's consecutive rows, a tile) and KV heads [h0, h0 + nh) of each; `cost` estimates its
+// work (rows x keys), so that the costliest run first.
+constexpr int64_t kMaxTileRows = 16;
+
+struct Task {
+  int64_t r0, rows, h0, nh, cost;
+};
+
 // The R query rows of sequence `seq` from KV head h0 on (consecutive in the query), widened to
 // fp32 into q (R x D, contiguous): both tasks score from this copy.
 template <typename T>
@@ -234,41 +247,75 @@ INLINE void attend(const Args& a, int64_t seq, int64_t h0, int64_t nh,
     for (int64_t d = 0; d < D; ++d) store(out + r * D + d, acc[r * D + d] * inv_sum[r]);
 }
 
-// Tasks [begin, end): task i is sequence i / tasks_per_seq, its (i % tasks_per_seq)-th group of
-// heads_per_task KV heads.
+// A task, one row at a time.
 template <typename T>
-INLINE void attend_range(const Args& a, int64_t heads_per_task, int64_t begin, int64_t end) {
-  std::vector<float> scratch;
-  const int64_t tasks_per_seq = a.num_kv_heads / heads_per_task;
-  for (int64_t i = begin; i < end; ++i)
-    attend<T>(a, i / tasks_per_seq, (i % tasks_per_seq) * heads_per_task, heads_per_task, scratch);
+INLINE void attend_rows(const Args& a, const Task& task, std::vector<float>& scratch) {
+  for (int64_t i = 0; i < task.rows; ++i) attend<T>(a, task.r0 + i, task.h0, task.nh, scratch);
 }
 
-using RangeFn = void (*)(const Args&, int64_t, int64_t, int64_t);
+using TaskFn = void (*)(const Args&, const Task&, std::vector<float>&);
 
 template <typename T>
-void range_baseline(const Args& a, int64_t h, int64_t b, int64_t e) {
-  attend_range<T>(a, h, b, e);
+void task_baseline(const Args& a, const Task& t, std::vector<float>& scratch) {
+  attend_rows<T>(a, t, scratch);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_AVX2_PATH 1
 template <typename T>
-__attribute__((target("avx2,fma"))) void range_avx2(const Args& a, int64_t h, int64_t b,
-                                                    int64_t e) {
-  attend_range<T>(a, h, b, e);
+__attribute__((target("avx2,fma"))) void task_avx2(const Args& a, const Task& t,
+                                                   std::vector<float>& scratch) {
+  attend_rows<T>(a, t, scratch);
 }
 #endif
 
-#include "paged_decode_avx512.h"  // range_avx512, has_avx512 (HAVE_AVX512_PATH)
+#include "paged_decode_avx512.h"  // task_avx512, has_avx512 (HAVE_AVX512_PATH)
 
 template <typename T>
-RangeFn pick() {
+TaskFn pick() {
 #ifdef HAVE_AVX2_PATH
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &range_avx2<T>;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &task_avx2<T>;
 #endif
-  return &range_baseline<T>;
+  return &task_baseline<T>;
+}
+
+// Whether query rows r and r + 1 read the same keys' table: their used entries are equal.
+INLINE bool same_table(const Context& c, const Context& d) {
+  const int64_t n = std::max(c.num_used, d.num_used);
+  return c.table == d.table || std::memcmp(c.table, d.table, n * sizeof(int32_t)) == 0;
+}
+
+// The call's tasks: tiles of up to kMaxTileRows consecutive rows with one table (`tile` false:
+// a row each). A decode row's task reads each token's K/V rows for all KV heads, one contiguous
+// run (the prefetcher's favourite); with too few tasks to keep every thread busy, or prompt
+// tiles (whose rows re-read a block per KV head from the L2 cache, not memory), a task per KV
+// head. The costliest first.
+std::vector<Task> make_tasks(const Args& a, int64_t num_rows, bool tile, int64_t threads) {
+  std::vector<Task> tiles;
+  bool all_single = true;
+  for (int64_t r = 0; r < num_rows;) {
+    const Context c = context_of(a, r);
+    int64_t n = 1, len = c.len;
+    if (tile && c.ok)
+      for (; n < kMaxTileRows && r + n < num_rows; ++n) {
+        const Context d = context_of(a, r + n);
+        if (!d.ok || !same_table(c, d)) break;
+        len = std::max(len, d.len);
+      }
+    tiles.push_back({r, n, 0, a.num_kv_heads, n * std::max<int64_t>(len, 1)});
+    all_single = all_single && n == 1;
+    r += n;
+  }
+  const int64_t nh =
+      all_single && static_cast<int64_t>(tiles.size()) >= 4 * threads ? a.num_kv_heads : 1;
+  std::vector<Task> tasks;
+  for (const Task& t : tiles)
+    for (int64_t h0 = 0; h0 < a.num_kv_heads; h0 += nh)
+      tasks.push_back({t.r0, t.rows, h0, nh, t.cost});
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  return tasks;
 }
 
 }  // namespace
@@ -286,19 +333,26 @@ extern "C" int pagedllm_paged_decode_attention(
                num_kv_heads, num_heads / num_kv_heads, head_dim, block_size, num_blocks,
                q_seq_stride, q_head_stride, kv_block_stride, kv_token_stride, kv_head_stride,
                bt_stride, &bad_block};
-  static const RangeFn f32 = pick<float>(), b16 = pick<bf16_bits>();
-  RangeFn fn = is_bf16 ? b16 : f32;
+  static const TaskFn f32 = pick<float>(), b16 = pick<bf16_bits>();
+  TaskFn fn = is_bf16 ? b16 : f32;
+  bool tile = false;  // only the AVX-512 task takes tiles; the others run them row by row
 #ifdef HAVE_AVX512_PATH
   static const bool avx512 = has_avx512();
-  if (avx512 && (head_dim == 32 || head_dim == 64 || head_dim == 128))
-    fn = is_bf16 ? &range_avx512<bf16_bits> : &range_avx512<float>;
+  if (avx512 && (head_dim == 32 || head_dim == 64 || head_dim == 128)) {
+    fn = is_bf16 ? &task_avx512<bf16_bits> : &task_avx512<float>;
+    tile = true;
+  }
 #endif
-  // A task per sequence reads each token's K/V rows for all KV heads, one contiguous run (the
-  // prefetcher's favourite); with too few sequences to keep every thread busy, a task per
-  // (sequence, KV head).
-  const int64_t heads_per_task = num_seqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
-  const int64_t num_tasks = num_seqs * (num_kv_heads / heads_per_task);
-  at::parallel_for(0, num_tasks, 1, [&](int64_t b, int64_t e) { fn(a, heads_per_task, b, e); });
+  const int64_t threads = at::get_num_threads();
+  const std::vector<Task> tasks = make_tasks(a, num_seqs, tile, threads);
+  // Threads take the next task as they finish one (the costliest first): a prompt's rows cost
+  // in proportion to their position, so equal shares of rows would leave a thread idle.
+  std::atomic<int64_t> next{0};
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, std::min(threads, num_tasks), 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch;
+    for (int64_t i = next++; i < num_tasks; i = next++) fn(a, tasks[i], scratch);
+  });
   return bad_block.load() ? 1 : 0;
 }
 
