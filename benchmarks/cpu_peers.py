@@ -377,11 +377,13 @@ def run_peers(args) -> None:
                 continue
             secs, toks = got
             ms = f"{1000 * secs / toks:.1f}" if len(work) == 1 else "-"
+            # The floor reads the weights in the header's dtype: not a bound for 4-bit ones.
+            quantized = "quantization" in engine or "Q4_1" in engine
+            floor_pct = "-" if quantized else \
+                f"{100 * (toks / secs) / floor_tps[name]:.0f}% of {floor_tps[name]:.0f}"
             print(f"| {name} | {engine} | {len(work)} | {toks} | {secs:.2f} | {toks / secs:.1f} "
                   f"| {ms} | {(toks / secs) / (ours[1] / ours[0]):.2f}x | "
-                  f"{100 * (toks / secs) / roof:.0f}% of {roof:.0f} "
-                  f"| {100 * (toks / secs) / floor_tps[name]:.0f}% of {floor_tps[name]:.0f} |",
-                  flush=True)
+                  f"{100 * (toks / secs) / roof:.0f}% of {roof:.0f} | {floor_pct} |", flush=True)
         vllm = rows[name].get("vLLM CPU 0.32.0")
         if isinstance(vllm, tuple) and len(work) > 1:
             need = 2.5 * vllm[1] / vllm[0]

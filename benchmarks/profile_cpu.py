@@ -32,17 +32,7 @@ import time
 from collections import defaultdict
 
 import torch
-
-
-def copy_gbs() -> float:
-    """Read bandwidth: sum() over 256 MB, best of 5."""
-    x = torch.ones(64 * 1024 * 1024)
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
-    return best
+from cpu_floor import read_bandwidth_gbs  # benchmarks/ is on sys.path when run as a script
 
 
 class Timers:
@@ -109,7 +99,7 @@ def main() -> None:
     if args.quantization is not None:  # every matmul reads its blocks instead
         weight_bytes = sum(m.packed_weight.nbytes for m in runner.model.modules()
                            if isinstance(getattr(m, "packed_weight", None), QuantizedWeight))
-    gbs = copy_gbs()
+    gbs = read_bandwidth_gbs()
     floor_ms = weight_bytes / (gbs * 1e9) * 1e3
     print(f"# default model, {args.dtype}, quantization {args.quantization}, batch-invariant "
           f"{runner.batch_invariant}; {weight_params / 1e6:.0f}M weights read per step "

@@ -4,8 +4,8 @@ torch_ref.paged_decode_attention.
 The twin gathers every sequence's whole context out of the paged cache (a copy) in every layer
 before SDPA; on a CPU that copy is most of decode attention's time. The kernel reads K/V rows in
 place through the block table, once for all the query heads of a KV head, prefetching the next
-block, and runs one task per sequence (or per sequence and KV head, for small batches) on
-torch's intra-op threads. Arithmetic is fp32 (bf16 caches are widened on load); it matches the
+block, and runs tasks (a row, or a tile of up to 16 consecutive rows of one prompt; all its KV
+heads or one) on torch's intra-op threads, the costliest first. Arithmetic is fp32 (bf16 caches are widened on load); it matches the
 twin to ~1e-6 in fp32 (tests/ops/test_cpu_kernels.py).
 
 `paged_prefill_attention` runs prompt and chunk rows through the same kernel, each row a one-token
@@ -191,7 +191,8 @@ def paged_prefill_attention(
     Row t of sequence s (its chunk is rows [start[s], end[s])) sits at absolute position
     seq_lens[s] - (end[s] - t), so its context is the first seq_lens[s] - end[s] + t + 1 tokens.
     The kernel scores up to 16 consecutive rows of a sequence together (a tile, on AVX-512), so
-    K/V is read once per tile: O(q_len / 16 * context) reads, most from the L2 cache."""
+    K is read from memory once per tile, not once per row (V is re-read per few rows of the
+    tile, from the L2 cache)."""
     num_tokens, row_tables, row_lens = prompt_rows(block_tables, query_start_loc, seq_lens)
     out = paged_decode_attention(query[:num_tokens], key_cache, value_cache, row_tables,
                                  row_lens, scale, max_seq_len, sliding_window)

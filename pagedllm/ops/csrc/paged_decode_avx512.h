@@ -26,7 +26,7 @@ AVX512 INLINE void store16(bf16_bits* p, __m512 x) {
 }
 
 // q . k for one query row (DV registers) and one key row: lane sums of D / 16 products, summed
-// across lanes by sum16 or _mm512_reduce_add_ps (the same order).
+// across lanes by sum16 or sum1 (the same order).
 template <typename T, int DV>
 AVX512 INLINE __m512 dot_lanes(const __m512* q, const T* k) {
   __m512 dot = _mm512_mul_ps(q[0], load16(k));
@@ -34,9 +34,19 @@ AVX512 INLINE __m512 dot_lanes(const __m512* q, const T* k) {
   return dot;
 }
 
-// Lane k of the result = the sum of d[k]'s 16 lanes, added in _mm512_reduce_add_ps's order
-// (lane i + lane i + 8, then + 4, + 2, + 1): a score is the same bits whether its key is scored
-// alone or in a block of 16. Four rounds of shuffles that pair up two vectors' halves, quarters,
+// The sum of x's 16 lanes: lane i + lane i + 8, then + 4, then lanes 0 + 2 and 1 + 3, then those
+// two (GCC's _mm512_reduce_add_ps order, which the previous kernel used; written out so that
+// no compiler's header can change it).
+AVX512 INLINE float sum1(__m512 x) {
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(x),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));  // c[0] = b[0] + b[2], c[1] = b[1] + b[3]
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
+// Lane k of the result = sum1(d[k]), in sum1's order: a score is the same bits whether its key
+// is scored alone or in a block of 16. Four rounds of shuffles that pair up two vectors' halves, quarters,
 // pairs and lanes: ~45 instructions for 16 sums instead of ~8 for each.
 AVX512 INLINE __m512 sum16(const __m512* d) {
   __m512 e[8], f[4];
@@ -112,7 +122,7 @@ AVX512 INLINE void score(const Args& a, const float* q, const T* key, __m512 sca
     for (int n = 0; n < 16; ++n) d[n] = dot_lanes<T, DV>(qr, key + n * a.kv_token_stride);
     _mm512_storeu_ps(s, _mm512_mul_ps(sum16(d), scale));
   } else {
-    s[0] = _mm512_reduce_add_ps(dot_lanes<T, DV>(qr, key)) * a.scale;
+    s[0] = sum1(dot_lanes<T, DV>(qr, key)) * a.scale;
   }
 }
 
@@ -146,10 +156,11 @@ AVX512 INLINE void score_block(const Args& a, const Task& task, const Context* c
 // registers. Each row takes attend()'s two passes, and its arithmetic does not depend on the
 // rows beside it: a score is DV vector products summed in one fixed order (sum16's), the
 // softmax runs over the row's own scores, pass 2 adds the row's own keys in order. So a row's
-// bits never depend on the batch. What the tile shares is memory traffic: a block of keys or
-// values is read once for all its rows (a prompt row used to read its whole context alone),
-// and with block_size a multiple of 16 a block's keys are summed 16 at a time (sum16) instead
-// of one horizontal sum per score. bf16 rows are widened on load (exact), so fp32 and bf16
+// bits never depend on the batch. What the tile shares is memory traffic: a block of keys is
+// read from memory once for all its rows (a prompt row used to read its whole context alone;
+// pass 2 reads the tile's values once per NG rows, from the L2 cache after the first), and
+// with block_size a multiple of 16 a block's keys are summed 16 at a time (sum16) instead of
+// one horizontal sum per score. bf16 rows are widened on load (exact), so fp32 and bf16
 // caches run the same arithmetic.
 //
 // Tile row r = (i, j, g): query token i, KV head j of the task, query head g of that KV head,

@@ -1,12 +1,12 @@
 // Paged decode attention on the CPU: the twin of torch_ref.paged_decode_attention, without its
 // gather. Each query row has its own block table and context length (a prompt's rows too:
 // cpu_kernels.paged_prefill_attention). A task is one row, or a tile of up to 16 consecutive
-// rows with the same table (a prompt's), and all or one of its KV heads: it reads the K rows,
-// then the V rows, straight out of the paged cache through the block table, each once for all
-// the query heads that share a KV head and all the rows of the tile (r = one query head of one
-// row, t = one context token):
+// positions of one prompt (rows with one table, lengths len, len + 1, ...), and all or one of
+// its KV heads: it reads the K rows, then the V rows, straight out of the paged cache through
+// the block table, for all the query heads that share a KV head (r = one query head of one row,
+// t = one context token):
 //
-//   pass 1  s[r, t] = scale * q[r] . k[t]            t0 <= t < len   (scores: R x n, fp32)
+//   pass 1  s[r, t] = scale * q[r] . k[t]            t0 <= t < len   (scores, fp32)
 //   softmax p[r, t] = exp(s[r, t] - max_t s[r, :])   (two-pass: the exact max first)
 //   pass 2  o[r]    = sum_t p[r, t] v[t] / sum_t p[r, t]
 //
@@ -130,7 +130,7 @@ INLINE void prefetch_heads(const Args& a, const T* row, int64_t nh) {
   for (int64_t j = 0; j < nh; ++j) prefetch_row(row + j * a.kv_head_stride, a.head_dim);
 }
 
-// The keys one task of sequence `seq` reads: positions [t0, len) (a sliding window drops the
+// The keys query row `row` reads: positions [t0, len) (a sliding window drops the
 // earlier ones), in blocks [b0, num_used) of its table. `ok` is false when there is nothing to
 // read (len <= 0: the caller writes the twin's zeros) or a used table entry is out of range
 // (the call's bad_block is raised); only the used entries are checked: the rest may be garbage.
@@ -140,8 +140,8 @@ struct Context {
   bool ok;
 };
 
-INLINE Context context_of(const Args& a, int64_t seq) {
-  Context c{a.block_tables + seq * a.bt_stride, std::min<int64_t>(a.seq_lens[seq], a.max_len),
+INLINE Context context_of(const Args& a, int64_t row) {
+  Context c{a.block_tables + row * a.bt_stride, std::min<int64_t>(a.seq_lens[row], a.max_len),
             0, 0, 0, 0, false};
   if (c.len <= 0) return c;
   const int64_t B = a.block_size;
@@ -168,24 +168,24 @@ struct Task {
   int64_t r0, rows, h0, nh, cost;
 };
 
-// The R query rows of sequence `seq` from KV head h0 on (consecutive in the query), widened to
+// The R query heads of query row `row` from KV head h0 on (consecutive in the query), widened to
 // fp32 into q (R x D, contiguous): both tasks score from this copy.
 template <typename T>
-INLINE void query_rows(const Args& a, int64_t seq, int64_t h0, int64_t R, int64_t D, float* q) {
+INLINE void query_rows(const Args& a, int64_t row, int64_t h0, int64_t R, int64_t D, float* q) {
   const T* query =
-      static_cast<const T*>(a.query) + seq * a.q_seq_stride + h0 * a.group * a.q_head_stride;
+      static_cast<const T*>(a.query) + row * a.q_seq_stride + h0 * a.group * a.q_head_stride;
   for (int64_t r = 0; r < R; ++r)
     for (int64_t d = 0; d < D; ++d) q[r * D + d] = to_float(query[r * a.q_head_stride + d]);
 }
 
-// One sequence, KV heads [h0, h0 + nh): its R = nh * G query heads (consecutive in the query).
+// One query row, KV heads [h0, h0 + nh): its R = nh * G query heads (consecutive in the query).
 // scratch: q (R x D) | acc (R x D) | 1 / row sums (R) | scores (R x n).
 template <typename T>
-INLINE void attend(const Args& a, int64_t seq, int64_t h0, int64_t nh,
+INLINE void attend(const Args& a, int64_t row, int64_t h0, int64_t nh,
                    std::vector<float>& scratch) {
   const int64_t G = a.group, D = a.head_dim, B = a.block_size, R = nh * G;
-  T* out = static_cast<T*>(a.out) + (seq * a.num_kv_heads + h0) * G * D;
-  const Context c = context_of(a, seq);
+  T* out = static_cast<T*>(a.out) + (row * a.num_kv_heads + h0) * G * D;
+  const Context c = context_of(a, row);
   if (!c.ok) {
     if (c.len <= 0)  // the twin's fully masked row is zeros
       for (int64_t i = 0; i < R * D; ++i) store(out + i, 0.f);
@@ -198,7 +198,7 @@ INLINE void attend(const Args& a, int64_t seq, int64_t h0, int64_t nh,
   float* acc = q + R * D;
   float* inv_sum = acc + R * D;
   float* s = inv_sum + R;
-  query_rows<T>(a, seq, h0, R, D, q);
+  query_rows<T>(a, row, h0, R, D, q);
   std::fill(acc, acc + R * D, 0.f);
 
   // Token t is row t % B of block table[t / B]; its KV head h0 + j starts at element
@@ -280,14 +280,15 @@ TaskFn pick() {
   return &task_baseline<T>;
 }
 
-// Whether query rows r and r + 1 read the same keys' table: their used entries are equal.
+// Whether two rows' tables agree on every entry either row uses (and those before them).
 INLINE bool same_table(const Context& c, const Context& d) {
   const int64_t n = std::max(c.num_used, d.num_used);
   return c.table == d.table || std::memcmp(c.table, d.table, n * sizeof(int32_t)) == 0;
 }
 
-// The call's tasks: tiles of up to kMaxTileRows consecutive rows with one table (`tile` false:
-// a row each). A decode row's task reads each token's K/V rows for all KV heads, one contiguous
+// The call's tasks: tiles of up to kMaxTileRows consecutive rows that are consecutive positions
+// of one sequence (one table, each row's context one token longer: their keys join up, so a
+// tile reads no block that none of its rows checked) (`tile` false: a row each). A decode row's task reads each token's K/V rows for all KV heads, one contiguous
 // run (the prefetcher's favourite); with too few tasks to keep every thread busy, or prompt
 // tiles (whose rows re-read a block per KV head from the L2 cache, not memory), a task per KV
 // head. The costliest first.
@@ -300,8 +301,8 @@ std::vector<Task> make_tasks(const Args& a, int64_t num_rows, bool tile, int64_t
     if (tile && c.ok)
       for (; n < kMaxTileRows && r + n < num_rows; ++n) {
         const Context d = context_of(a, r + n);
-        if (!d.ok || !same_table(c, d)) break;
-        len = std::max(len, d.len);
+        if (!d.ok || d.len != len + 1 || !same_table(c, d)) break;
+        len = d.len;
       }
     tiles.push_back({r, n, 0, a.num_kv_heads, n * std::max<int64_t>(len, 1)});
     all_single = all_single && n == 1;
