@@ -6,8 +6,9 @@ the best GEMM rate; but a decode step multiplies a few rows by every weight, whi
 at that rate, and reads every weight and every running request's KV cache from memory. The
 floor prices the work as this machine runs it:
 
-  prompts  every prompt token through the model's projections at the rate measured for them at
-           M = 512 rows (a prompt chunk's best), and its attention's FLOPs at the best GEMM rate;
+  prompts  every prompt token through the model's projections at the time measured for them at
+           M = 512 rows (a prompt chunk's best), and its attention's FLOPs at those
+           projections' FLOP rate;
   decode   step s (one token for each of the b_s requests still running) takes at least
            max(its projections and LM head at M = b_s rows, every weight read once) plus its
            KV reads (K and V of every running request's context, every layer), reads at the

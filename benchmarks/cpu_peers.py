@@ -107,9 +107,10 @@ def gemm_rate(threads: int, dtype: str = "float32") -> float:
 
 
 def workload_gflop(work: list[tuple[list[int], int]], cfg) -> float:
+    from cpu_floor import layer_shapes  # benchmarks/ is on sys.path (throughput.py runs this)
+
     h, layers, hd = cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size // cfg.num_attention_heads
-    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd
-    per_token = layers * (qkv + cfg.num_attention_heads * hd * h + 3 * h * cfg.intermediate_size)
+    per_token = layers * sum(k * n for k, n in layer_shapes(cfg))
     flops = 0.0
     for prompt, out_len in work:
         total = len(prompt) + out_len

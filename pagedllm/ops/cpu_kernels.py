@@ -5,8 +5,8 @@ The twin gathers every sequence's whole context out of the paged cache (a copy) 
 before SDPA; on a CPU that copy is most of decode attention's time. The kernel reads K/V rows in
 place through the block table, once for all the query heads of a KV head, prefetching the next
 block, and runs tasks (a row, or a tile of up to 16 consecutive rows of one prompt; all its KV
-heads or one) on torch's intra-op threads, the costliest first. Arithmetic is fp32 (bf16 caches are widened on load); it matches the
-twin to ~1e-6 in fp32 (tests/ops/test_cpu_kernels.py).
+heads or one) on torch's intra-op threads, the costliest first. Arithmetic is fp32 (bf16 caches
+are widened on load); it matches the twin to ~1e-6 in fp32 (tests/ops/test_cpu_kernels.py).
 
 `paged_prefill_attention` runs prompt and chunk rows through the same kernel, each row a one-token
 query over its own context: batch-invariant mode's one attention path (ops/batch_invariant.py),

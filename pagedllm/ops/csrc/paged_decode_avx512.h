@@ -46,8 +46,8 @@ AVX512 INLINE float sum1(__m512 x) {
 }
 
 // Lane k of the result = sum1(d[k]), in sum1's order: a score is the same bits whether its key
-// is scored alone or in a block of 16. Four rounds of shuffles that pair up two vectors' halves, quarters,
-// pairs and lanes: ~45 instructions for 16 sums instead of ~8 for each.
+// is scored alone or in a block of 16. Four rounds of shuffles that pair up two vectors'
+// halves, quarters, pairs and lanes: ~45 instructions for 16 sums instead of ~8 for each.
 AVX512 INLINE __m512 sum16(const __m512* d) {
   __m512 e[8], f[4];
   for (int i = 0; i < 8; ++i)  // e[i]: lanes 0-7 = d[2i]'s i + (i + 8), lanes 8-15 = d[2i + 1]'s

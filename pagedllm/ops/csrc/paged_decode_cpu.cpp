@@ -288,10 +288,10 @@ INLINE bool same_table(const Context& c, const Context& d) {
 
 // The call's tasks: tiles of up to kMaxTileRows consecutive rows that are consecutive positions
 // of one sequence (one table, each row's context one token longer: their keys join up, so a
-// tile reads no block that none of its rows checked) (`tile` false: a row each). A decode row's task reads each token's K/V rows for all KV heads, one contiguous
-// run (the prefetcher's favourite); with too few tasks to keep every thread busy, or prompt
-// tiles (whose rows re-read a block per KV head from the L2 cache, not memory), a task per KV
-// head. The costliest first.
+// tile reads no block that none of its rows checked); `tile` false: a row each. A decode row's
+// task reads each token's K/V rows for all KV heads, one contiguous run (the prefetcher's
+// favourite); with too few tasks to keep every thread busy, or prompt tiles (whose rows re-read
+// a block per KV head from the L2 cache, not memory), a task per KV head. The costliest first.
 std::vector<Task> make_tasks(const Args& a, int64_t num_rows, bool tile, int64_t threads) {
   std::vector<Task> tiles;
   bool all_single = true;
